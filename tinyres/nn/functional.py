@@ -1,0 +1,471 @@
+"""The ops of a convolutional network, as `torch.nn.functional` names them.
+
+Image tensors are NCHW, as in PyTorch. Convolution and pooling work internally on a
+channels-last (NHWC) view, and the arrays they return are NCHW views of NHWC memory
+(PyTorch's "channels_last" format): im2col then copies rows of `kernel_width * C`
+contiguous floats, the GEMM output needs no transpose, and batch norm reduces a plain
+(N*H*W, C) matrix. Elementwise ops keep that memory layout, so no transposes are copied
+between layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..tensor import (Function, Tensor, as_tensor, cat, concatenate, flatten, getitem, mean,
+                      pad, permute, reshape, transpose)
+
+__all__ = ["relu", "conv2d", "batch_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+           "global_avg_pool2d", "linear", "log_softmax", "softmax", "cross_entropy", "pad",
+           "cat", "concatenate", "flatten", "getitem", "mean", "permute", "reshape", "transpose",
+           "im2col", "col2im"]
+
+
+def _pair(v, name: str, op: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
+    if len(t) != 2 or any(int(a) != a for a in t):
+        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+    return int(t[0]), int(t[1])
+
+
+def _rows(x):
+    """An (N*H*W, C) matrix of an NCHW array; a view when its memory is channels-last."""
+    if x.ndim == 2:
+        return x
+    n, c, h, w = x.shape
+    return x.transpose(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _from_rows(r, shape):
+    """Undo `_rows`: an NCHW view of the (N*H*W, C) matrix `r`."""
+    if len(shape) == 2:
+        return r
+    n, c, h, w = shape
+    return r.reshape(n, h, w, c).transpose(0, 3, 1, 2)
+
+
+# ---- relu --------------------------------------------------------------------------------
+
+class ReLU(Function):
+    def forward(self, x):
+        self.y = self.xp.maximum(x, 0)
+        return self.y
+
+    def backward(self, gy):
+        return gy * (self.y > 0)
+
+
+def relu(x) -> Tensor:
+    """max(x, 0), elementwise."""
+    return ReLU()(x)
+
+
+# ---- im2col / col2im ---------------------------------------------------------------------
+
+def _as_strided(xp, a, shape, strides):
+    if xp is np:
+        return np.lib.stride_tricks.as_strided(a, shape, strides, writeable=False)
+    return xp.lib.stride_tricks.as_strided(a, shape, strides)
+
+
+def im2col(xpad, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int, xp=np):
+    """Windows of a padded NHWC array (n, Hp, Wp, C) as a strided view (n, oh, ow, kh, kw, C)."""
+    n, _, _, c = xpad.shape
+    s0, s1, s2, s3 = xpad.strides
+    return _as_strided(xp, xpad, (n, oh, ow, kh, kw, c), (s0, s1 * sh, s2 * sw, s1, s2, s3))
+
+
+def col2im(dcol, out, sh: int, sw: int) -> None:
+    """Add windows dcol (n, oh, ow, kh, kw, C) back into the padded NHWC array `out`, in place."""
+    _, oh, ow, kh, kw, _ = dcol.shape
+    # one strided add per kernel offset: vectorized, and no scatter (np.add.at) needed
+    for i in range(kh):
+        for j in range(kw):
+            out[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :] += dcol[:, :, :, i, j, :]
+
+
+def _chunk(xp, per_sample_bytes: int, n: int) -> int:
+    """Samples per im2col chunk: about 4 MB of columns on the CPU, so they stay in cache."""
+    if xp is not np:
+        return n
+    return max(1, min(n, (4 << 20) // max(per_sample_bytes, 1)))
+
+
+def _padded(xp, xh, ph: int, pw: int, buf=None):
+    """NHWC `xh` zero-padded by (ph, pw), written into `buf` when given."""
+    n, h, w, c = xh.shape
+    if buf is None:
+        buf = xp.empty((n, h + 2 * ph, w + 2 * pw, c), dtype=xh.dtype)
+    buf = buf[:n]
+    if ph or pw:  # only the border needs zeroing; the interior is overwritten
+        buf[:, :ph] = 0
+        buf[:, h + ph:] = 0
+        buf[:, :, :pw] = 0
+        buf[:, :, w + pw:] = 0
+    buf[:, ph:ph + h, pw:pw + w] = xh
+    return buf
+
+
+# ---- conv2d ------------------------------------------------------------------------------
+
+class Conv2d(Function):
+    def __init__(self, stride, padding):
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x, w, b=None):
+        xp = self.xp
+        if x.ndim != 4 or w.ndim != 4:
+            raise ValueError(f"conv2d: expected input (N, C, H, W) and weight (OC, C, KH, KW), "
+                             f"got {tuple(x.shape)} and {tuple(w.shape)}")
+        n, c, h, wd = x.shape
+        oc, wc, kh, kw = w.shape
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        if wc != c:
+            raise ValueError(f"conv2d: weight {tuple(w.shape)} expects {wc} input channels, "
+                             f"input {tuple(x.shape)} has {c}")
+        if b is not None and tuple(b.shape) != (oc,):
+            raise ValueError(f"conv2d: bias shape {tuple(b.shape)} should be ({oc},)")
+        if kh > h + 2 * ph or kw > wd + 2 * pw:
+            raise ValueError(f"conv2d: kernel {kh}x{kw} is larger than the padded input "
+                             f"{h + 2 * ph}x{wd + 2 * pw} (input {tuple(x.shape)}, padding {self.padding})")
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+        self.x, self.w = x, w
+        self.geom = (kh, kw, sh, sw, ph, pw, oh, ow)
+        wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, oc)  # rows ordered (i, j, c) like the columns
+        y = xp.empty((n, oh, ow, oc), dtype=x.dtype)
+        yrows = y.reshape(n * oh * ow, oc)
+        xh = x.transpose(0, 2, 3, 1)
+        step = _chunk(xp, oh * ow * kh * kw * c * x.itemsize, n)
+        buf = None
+        for n0 in range(0, n, step):
+            buf = _padded(xp, xh[n0:n0 + step], ph, pw, buf)
+            col = im2col(buf, kh, kw, sh, sw, oh, ow, xp).reshape(-1, kh * kw * c)
+            xp.matmul(col, wmat, out=yrows[n0 * oh * ow:(n0 + len(buf)) * oh * ow])
+        if b is not None:
+            y += b
+        return y.transpose(0, 3, 1, 2)
+
+    def backward(self, gy):
+        xp, x, w = self.xp, self.x, self.w
+        kh, kw, sh, sw, ph, pw, oh, ow = self.geom
+        n, c, h, wd = x.shape
+        oc = w.shape[0]
+        need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
+        need_b = len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
+        gyrows = xp.ascontiguousarray(gy.transpose(0, 2, 3, 1)).reshape(n * oh * ow, oc)
+        wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, oc)
+        gwmat = xp.zeros((kh * kw * c, oc), dtype=w.dtype) if need_w else None
+        gx = xp.empty((n, h, wd, c), dtype=x.dtype) if need_x else None
+        xh = x.transpose(0, 2, 3, 1)
+        step = _chunk(xp, oh * ow * kh * kw * c * x.itemsize, n)
+        buf = gbuf = None
+        for n0 in range(0, n, step):
+            g = gyrows[n0 * oh * ow:min(n, n0 + step) * oh * ow]
+            m = len(g) // (oh * ow)
+            if need_w:  # the columns are rebuilt rather than kept from forward: they are 9x the input
+                buf = _padded(xp, xh[n0:n0 + step], ph, pw, buf)
+                col = im2col(buf, kh, kw, sh, sw, oh, ow, xp).reshape(-1, kh * kw * c)
+                gwmat += col.T @ g
+            if need_x:
+                dcol = (g @ wmat.T).reshape(m, oh, ow, kh, kw, c)
+                if gbuf is None:
+                    gbuf = xp.empty((min(step, n), h + 2 * ph + sh, wd + 2 * pw + sw, c), dtype=x.dtype)
+                gb_ = gbuf[:m]
+                gb_[...] = 0
+                col2im(dcol, gb_, sh, sw)
+                gx[n0:n0 + m] = gb_[:, ph:ph + h, pw:pw + wd]
+        gxo = gx.transpose(0, 3, 1, 2) if need_x else None
+        gwo = gwmat.reshape(kh, kw, c, oc).transpose(3, 2, 0, 1).copy() if need_w else None
+        gbo = gyrows.sum(axis=0) if need_b else None
+        return gxo, gwo, gbo
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0) -> Tensor:
+    """2-D convolution (cross-correlation): (N, C, H, W) * (OC, C, KH, KW) -> (N, OC, OH, OW)."""
+    fn = Conv2d(_pair(stride, "stride", "conv2d"), _pair(padding, "padding", "conv2d"))
+    if min(fn.stride) < 1 or min(fn.padding) < 0:
+        raise ValueError(f"conv2d: stride {stride} must be >= 1 and padding {padding} >= 0")
+    return fn(input, weight) if bias is None else fn(input, weight, bias)
+
+
+# ---- batch norm --------------------------------------------------------------------------
+
+class BatchNorm(Function):
+    def __init__(self, eps, stats=None):
+        self.eps, self.stats = eps, stats  # stats: (mean, var) to use in eval mode
+
+    def forward(self, x, gamma, beta):
+        xp = self.xp
+        c = x.shape[1] if x.ndim > 1 else -1
+        if x.ndim not in (2, 4) or gamma.shape != (c,) or beta.shape != (c,):
+            raise ValueError(f"batch_norm: expected input (N, C) or (N, C, H, W) with weight and bias "
+                             f"of shape (C,), got {tuple(x.shape)}, {tuple(gamma.shape)}, {tuple(beta.shape)}")
+        self.shape = x.shape
+        r = _rows(x)
+        if self.stats is None:
+            if r.shape[0] < 2:
+                raise ValueError(f"batch_norm: training needs more than one value per channel, "
+                                 f"got input {tuple(x.shape)}")
+            mu = r.mean(axis=0)
+            xc = r - mu
+            var = xp.einsum("ij,ij->j", xc, xc) / xc.dtype.type(r.shape[0])
+            self.batch_stats = (mu, var)
+        else:
+            mu, var = self.stats
+            xc = r - mu.astype(x.dtype, copy=False)
+            var = var.astype(x.dtype, copy=False)
+        self.invstd = 1 / xp.sqrt(var + x.dtype.type(self.eps))
+        xc *= self.invstd  # xc is now x-hat
+        self.xhat, self.gamma = xc, gamma
+        y = xc * gamma
+        y += beta
+        return _from_rows(y, x.shape)
+
+    def backward(self, gy):
+        xp = self.xp
+        g = _rows(gy)
+        if not g.flags.c_contiguous:
+            g = xp.ascontiguousarray(g)
+        xhat = self.xhat
+        gbeta = g.sum(axis=0)
+        ggamma = xp.einsum("ij,ij->j", g, xhat)
+        gx = None
+        if self.needs_input_grad[0]:
+            scale = self.gamma * self.invstd
+            if self.stats is None:  # batch statistics depend on x too
+                m = g.dtype.type(g.shape[0])
+                gx = xhat * (-scale * ggamma / m)
+                gx += g * scale
+                gx -= scale * gbeta / m
+            else:
+                gx = g * scale
+            gx = _from_rows(gx, self.shape)
+        return gx, ggamma, gbeta
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Batch normalization over N (and H, W) per channel of (N, C) or (N, C, H, W).
+
+    In training, normalizes with the batch statistics and then updates `running_mean` and
+    `running_var` (arrays or Tensors, or None) in place, outside the graph:
+    running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance,
+    as PyTorch does. In eval, normalizes with the running statistics.
+    """
+    x = as_tensor(input)
+    c = x.shape[1] if x.ndim > 1 else 0
+    xp = get_array_module(x.data)
+    rm = running_mean.data if isinstance(running_mean, Tensor) else running_mean
+    rv = running_var.data if isinstance(running_var, Tensor) else running_var
+    weight = Tensor(xp.ones((c,), dtype=x.dtype)) if weight is None else weight
+    bias = Tensor(xp.zeros((c,), dtype=x.dtype)) if bias is None else bias
+    if not training:
+        if rm is None or rv is None:
+            raise ValueError("batch_norm: eval mode needs running_mean and running_var")
+        return BatchNorm(eps, (rm, rv))(x, weight, bias)
+    fn = BatchNorm(eps)
+    y = fn(x, weight, bias)
+    if rm is not None or rv is not None:
+        mu, var = fn.batch_stats
+        m = x.size // c
+        if rm is not None:
+            rm *= 1 - momentum
+            rm += (momentum * mu).astype(rm.dtype, copy=False)
+        if rv is not None:
+            rv *= 1 - momentum
+            rv += (momentum * m / max(m - 1, 1) * var).astype(rv.dtype, copy=False)
+    fn.__dict__.pop("batch_stats", None)
+    return y
+
+
+# ---- pooling -----------------------------------------------------------------------------
+
+class _Pool2d(Function):
+    """Shared geometry of max and average pooling on the NHWC view."""
+
+    op = "pool2d"
+
+    def __init__(self, kernel_size, stride, padding):
+        self.k = _pair(kernel_size, "kernel_size", self.op)
+        self.s = _pair(stride if stride is not None else kernel_size, "stride", self.op)
+        self.p = _pair(padding, "padding", self.op)
+
+    def _windows(self, x, fill):
+        xp = self.xp
+        if x.ndim != 4:
+            raise ValueError(f"{self.op}: expected input (N, C, H, W), got {tuple(x.shape)}")
+        (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
+        n, c, h, w = x.shape
+        if ph > kh // 2 or pw > kw // 2:
+            raise ValueError(f"{self.op}: padding {self.p} must be at most half the kernel {self.k}")
+        if kh > h + 2 * ph or kw > w + 2 * pw:
+            raise ValueError(f"{self.op}: kernel {kh}x{kw} is larger than the padded input "
+                             f"{h + 2 * ph}x{w + 2 * pw} (input {tuple(x.shape)})")
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        buf = xp.full((n, h + 2 * ph, w + 2 * pw, c), fill, dtype=x.dtype)
+        buf[:, ph:ph + h, pw:pw + w] = x.transpose(0, 2, 3, 1)
+        self.geom = (n, c, h, w, oh, ow)
+        return im2col(buf, kh, kw, sh, sw, oh, ow, xp).reshape(n, oh, ow, kh * kw, c)
+
+    def _scatter(self, dcol):
+        """Sum window gradients dcol (n, oh, ow, kh*kw, C) back to an NCHW input gradient."""
+        xp = self.xp
+        (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
+        n, c, h, w, oh, ow = self.geom
+        gbuf = xp.zeros((n, h + 2 * ph + sh, w + 2 * pw + sw, c), dtype=dcol.dtype)
+        col2im(dcol.reshape(n, oh, ow, kh, kw, c), gbuf, sh, sw)
+        return gbuf[:, ph:ph + h, pw:pw + w].transpose(0, 3, 1, 2)
+
+
+class MaxPool2d(_Pool2d):
+    op = "max_pool2d"
+
+    def forward(self, x):
+        col = self._windows(x, -np.inf)
+        self.arg = col.argmax(axis=3)[:, :, :, None, :]  # the first maximum takes the gradient
+        return self.xp.take_along_axis(col, self.arg, axis=3)[:, :, :, 0, :].transpose(0, 3, 1, 2)
+
+    def backward(self, gy):
+        xp = self.xp
+        n, c, h, w, oh, ow = self.geom
+        dcol = xp.zeros((n, oh, ow, self.k[0] * self.k[1], c), dtype=gy.dtype)
+        xp.put_along_axis(dcol, self.arg, gy.transpose(0, 2, 3, 1)[:, :, :, None, :], axis=3)
+        return self._scatter(dcol)
+
+
+class AvgPool2d(_Pool2d):
+    op = "avg_pool2d"
+
+    def forward(self, x):
+        col = self._windows(x, 0)
+        return col.mean(axis=3).transpose(0, 3, 1, 2)
+
+    def backward(self, gy):
+        n, c, h, w, oh, ow = self.geom
+        kk = self.k[0] * self.k[1]
+        g = (gy.transpose(0, 2, 3, 1) / gy.dtype.type(kk))[:, :, :, None, :]
+        dcol = self.xp.broadcast_to(g, (n, oh, ow, kk, c))
+        return self._scatter(dcol)
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0) -> Tensor:
+    """Max over kernel_size windows (stride defaults to kernel_size; padding counts as -inf)."""
+    return MaxPool2d(kernel_size, stride, padding)(input)
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0) -> Tensor:
+    """Mean over kernel_size windows (zero padding is counted, as PyTorch's default)."""
+    return AvgPool2d(kernel_size, stride, padding)(input)
+
+
+def global_avg_pool2d(input) -> Tensor:
+    """Mean over H and W: (N, C, H, W) -> (N, C)."""
+    x = as_tensor(input)
+    if x.ndim != 4:
+        raise ValueError(f"global_avg_pool2d: expected input (N, C, H, W), got {x.shape}")
+    return mean(x, (2, 3))
+
+
+def adaptive_avg_pool2d(input, output_size=1) -> Tensor:
+    """Adaptive average pooling; only output_size 1 (global pooling): -> (N, C, 1, 1)."""
+    if _pair(output_size, "output_size", "adaptive_avg_pool2d") != (1, 1):
+        raise ValueError(f"adaptive_avg_pool2d: only output_size=1 is supported, got {output_size!r}")
+    return mean(as_tensor(input), (2, 3), keepdim=True)
+
+
+# ---- linear and losses -------------------------------------------------------------------
+
+class Linear(Function):
+    def forward(self, x, w, b=None):
+        if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+            raise ValueError(f"linear: input {tuple(x.shape)} and weight {tuple(w.shape)} do not match "
+                             "(need (N, in) and (out, in))")
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"linear: bias shape {tuple(b.shape)} should be ({w.shape[0]},)")
+        self.x, self.w = x, w
+        y = x @ w.T
+        if b is not None:
+            y += b
+        return y
+
+    def backward(self, gy):
+        gx = gy @ self.w if self.needs_input_grad[0] else None
+        gw = gy.T @ self.x if self.needs_input_grad[1] else None
+        gb = gy.sum(axis=0) if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(input, weight, bias=None) -> Tensor:
+    """x @ weight.T + bias: (N, in) -> (N, out)."""
+    return Linear()(input, weight) if bias is None else Linear()(input, weight, bias)
+
+
+def _log_softmax(xp, x, axis):
+    z = x - x.max(axis=axis, keepdims=True)
+    z -= xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
+    return z
+
+
+class LogSoftmax(Function):
+    def __init__(self, dim):
+        self.dim = dim
+
+    def forward(self, x):
+        self.y = _log_softmax(self.xp, x, self.dim)
+        return self.y
+
+    def backward(self, gy):
+        return gy - self.xp.exp(self.y) * gy.sum(axis=self.dim, keepdims=True)
+
+
+def log_softmax(input, dim: int = -1) -> Tensor:
+    """log(softmax(x)) along `dim`, computed stably (no overflow for large logits)."""
+    return LogSoftmax(dim)(input)
+
+
+def softmax(input, dim: int = -1) -> Tensor:
+    """exp(x) / sum(exp(x)) along `dim`."""
+    from ..tensor import exp
+    return exp(log_softmax(input, dim))
+
+
+class CrossEntropy(Function):
+    def __init__(self, target):
+        self.t = target
+
+    def forward(self, x):
+        xp = self.xp
+        t = self.t
+        if x.ndim != 2:
+            raise ValueError(f"cross_entropy: expected logits (N, classes), got {tuple(x.shape)}")
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"cross_entropy: target shape {tuple(t.shape)} does not match logits "
+                             f"{tuple(x.shape)} (need ({x.shape[0]},))")
+        if t.dtype.kind not in "iu":
+            raise TypeError(f"cross_entropy: target must hold integer class indices, got {t.dtype}")
+        if t.size and (int(t.min()) < 0 or int(t.max()) >= x.shape[1]):
+            raise ValueError(f"cross_entropy: target values must lie in [0, {x.shape[1]}), "
+                             f"got min {int(t.min())}, max {int(t.max())}")
+        self.logp = _log_softmax(xp, x, 1)
+        n = x.shape[0]
+        picked = self.logp[xp.arange(n), t]
+        return xp.asarray(-picked.sum() / x.dtype.type(n), dtype=x.dtype)
+
+    def backward(self, gy):
+        xp = self.xp
+        n = self.logp.shape[0]
+        g = xp.exp(self.logp)  # softmax
+        g[xp.arange(n), self.t] -= 1
+        g *= gy / gy.dtype.type(n)
+        return g
+
+
+def cross_entropy(input, target) -> Tensor:
+    """Mean negative log-likelihood of integer `target` (N,) under softmax(`input` (N, classes))."""
+    t = target.data if isinstance(target, Tensor) else target
+    x = as_tensor(input)
+    if not hasattr(t, "dtype"):
+        t = np.asarray(t)
+    return CrossEntropy(t)(x)
+
