@@ -14,7 +14,8 @@ settings.register_profile("ci", derandomize=True, max_examples=20, deadline=None
 settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=400, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+# CI (CI=true) gets the fixed-seed profile; HYPOTHESIS_PROFILE=thorough for a long local run
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
 def _gpu_ok() -> bool:

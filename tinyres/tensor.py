@@ -43,6 +43,7 @@ class Tensor:
     """An n-dimensional array with an optional gradient, as `torch.Tensor`."""
 
     __array_priority__ = 100  # so `ndarray * Tensor` defers to Tensor.__rmul__
+    _freed = False  # set when backward() has freed the graph that computed this tensor
 
     def __init__(self, data: Any, requires_grad: bool = False, dtype=None):
         if isinstance(data, Tensor):
@@ -217,7 +218,7 @@ def tensor(data: Any, requires_grad: bool = False, dtype=None, device: str = "cp
         data = arr
     t = Tensor(to_device(data, device) if device_of(data) != normalize_device(device) else data, dtype=dtype)
     if t.data is data and hasattr(data, "copy"):
-        t.data = data.copy()  # like torch.tensor: never alias the caller's array
+        t.data = data.copy(order="K")  # like torch.tensor: never alias the caller's array
     return t.requires_grad_(requires_grad)
 
 
@@ -277,6 +278,9 @@ def _topological_order(root: Tensor) -> list[Tensor]:
             continue
         if id(t) in visited:
             continue
+        if t._freed:
+            raise RuntimeError(f"backward(): a tensor of shape {t.shape} in this graph was computed by a graph "
+                               "that an earlier backward() freed; compute it again")
         visited.add(id(t))
         stack.append((t, True))
         if t._ctx is not None:
@@ -322,7 +326,7 @@ def _run_backward(root: Tensor, gy) -> None:
                 grads[k] = grads[k] + gx
                 owned.add(k)
         # free the graph as we go: saved arrays die with the Function
-        t._ctx = None
+        t._ctx, t._freed = None, True
         fn.inputs = ()
         fn.__dict__.clear()
 
@@ -460,6 +464,8 @@ def pow(x, exponent: float) -> Tensor:
     """x ** exponent for a constant (Python number) exponent."""
     if isinstance(exponent, Tensor):
         raise TypeError("pow: only a constant (Python number) exponent is supported")
+    if getattr(exponent, "ndim", None) == 0:  # a NumPy scalar would promote float32 to float64
+        exponent = exponent.item()
     return Pow(exponent)(x)
 
 

@@ -153,24 +153,42 @@ class Conv2d(Function):
         oc = w.shape[0]
         need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
         need_b = len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
-        gyrows = xp.ascontiguousarray(gy.transpose(0, 2, 3, 1)).reshape(n * oh * ow, oc)
-        wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, oc)
-        gwmat = xp.zeros((kh * kw * c, oc), dtype=w.dtype) if need_w else None
-        gx = xp.empty((n, h, wd, c), dtype=x.dtype) if need_x else None
-        xh = x.transpose(0, 2, 3, 1)
-        step = _chunk(xp, oh * ow * kh * kw * c * x.itemsize, n)
-        buf = gbuf = None
-        for n0 in range(0, n, step):
-            g = gyrows[n0 * oh * ow:min(n, n0 + step) * oh * ow]
-            m = len(g) // (oh * ow)
-            if need_w:  # the columns are rebuilt rather than kept from forward: they are 9x the input
+        gyh = xp.ascontiguousarray(gy.transpose(0, 2, 3, 1))  # (n, oh, ow, oc)
+        gyrows = gyh.reshape(n * oh * ow, oc)
+        gx = gwmat = None
+        if need_w:
+            # dL/dW = columns^T @ dL/dy; the columns are rebuilt in cache-sized chunks
+            # rather than kept from forward, where they would take 9x the input's memory
+            gwmat = xp.zeros((kh * kw * c, oc), dtype=w.dtype)
+            xh = x.transpose(0, 2, 3, 1)
+            step = _chunk(xp, oh * ow * kh * kw * c * x.itemsize, n)
+            buf = None
+            for n0 in range(0, n, step):
                 buf = _padded(xp, xh[n0:n0 + step], ph, pw, buf)
                 col = im2col(buf, kh, kw, sh, sw, oh, ow, xp).reshape(-1, kh * kw * c)
-                gwmat += col.T @ g
-            if need_x:
+                gwmat += col.T @ gyrows[n0 * oh * ow:(n0 + len(buf)) * oh * ow]
+        if need_x and (sh, sw) == (1, 1) and ph <= kh - 1 and pw <= kw - 1:
+            # stride 1: dL/dx is the "full" convolution of dL/dy with the flipped kernel,
+            # an im2col + GEMM that writes dL/dx directly (no scattered col2im adds)
+            wflip = w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(kh * kw * oc, c)
+            gx = xp.empty((n, h, wd, c), dtype=x.dtype)
+            gxrows = gx.reshape(n * h * wd, c)
+            step = _chunk(xp, h * wd * kh * kw * oc * x.itemsize, n)
+            buf = None
+            for n0 in range(0, n, step):
+                buf = _padded(xp, gyh[n0:n0 + step], kh - 1 - ph, kw - 1 - pw, buf)
+                col = im2col(buf, kh, kw, 1, 1, h, wd, xp).reshape(-1, kh * kw * oc)
+                xp.matmul(col, wflip, out=gxrows[n0 * h * wd:(n0 + len(buf)) * h * wd])
+        elif need_x:
+            # strided: scatter the column gradients back with col2im
+            wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, oc)
+            gx = xp.empty((n, h, wd, c), dtype=x.dtype)
+            step = _chunk(xp, oh * ow * kh * kw * c * x.itemsize, n)
+            gbuf = xp.empty((min(step, n), h + 2 * ph + sh, wd + 2 * pw + sw, c), dtype=x.dtype)
+            for n0 in range(0, n, step):
+                g = gyrows[n0 * oh * ow:min(n, n0 + step) * oh * ow]
+                m = len(g) // (oh * ow)
                 dcol = (g @ wmat.T).reshape(m, oh, ow, kh, kw, c)
-                if gbuf is None:
-                    gbuf = xp.empty((min(step, n), h + 2 * ph + sh, wd + 2 * pw + sw, c), dtype=x.dtype)
                 gb_ = gbuf[:m]
                 gb_[...] = 0
                 col2im(dcol, gb_, sh, sw)
@@ -191,6 +209,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0) -> Tensor:
 
 # ---- batch norm --------------------------------------------------------------------------
 
+def _colsum(xp, r):
+    """Column sums of a 2-D array as a matrix-vector product: BLAS beats a row-wise reduction."""
+    return xp.ones(r.shape[0], dtype=r.dtype) @ r
+
+
 class BatchNorm(Function):
     def __init__(self, eps, stats=None):
         self.eps, self.stats = eps, stats  # stats: (mean, var) to use in eval mode
@@ -207,18 +230,20 @@ class BatchNorm(Function):
             if r.shape[0] < 2:
                 raise ValueError(f"batch_norm: training needs more than one value per channel, "
                                  f"got input {tuple(x.shape)}")
-            mu = r.mean(axis=0)
+            m = x.dtype.type(r.shape[0])
+            mu = _colsum(xp, r) / m
             xc = r - mu
-            var = xp.einsum("ij,ij->j", xc, xc) / xc.dtype.type(r.shape[0])
+            var = xp.einsum("ij,ij->j", xc, xc) / m
             self.batch_stats = (mu, var)
         else:
             mu, var = self.stats
             xc = r - mu.astype(x.dtype, copy=False)
             var = var.astype(x.dtype, copy=False)
         self.invstd = 1 / xp.sqrt(var + x.dtype.type(self.eps))
-        xc *= self.invstd  # xc is now x-hat
-        self.xhat, self.gamma = xc, gamma
-        y = xc * gamma
+        # keep x - mean rather than x-hat = (x - mean) * invstd: backward folds invstd into
+        # per-channel factors, which saves a full pass over the activations here
+        self.xc, self.gamma = xc, gamma
+        y = xc * (gamma * self.invstd)
         y += beta
         return _from_rows(y, x.shape)
 
@@ -227,16 +252,17 @@ class BatchNorm(Function):
         g = _rows(gy)
         if not g.flags.c_contiguous:
             g = xp.ascontiguousarray(g)
-        xhat = self.xhat
-        gbeta = g.sum(axis=0)
-        ggamma = xp.einsum("ij,ij->j", g, xhat)
+        xc, invstd = self.xc, self.invstd
+        gbeta = _colsum(xp, g)
+        ggamma = xp.einsum("ij,ij->j", g, xc) * invstd  # sum of g * x-hat
         gx = None
         if self.needs_input_grad[0]:
-            scale = self.gamma * self.invstd
-            if self.stats is None:  # batch statistics depend on x too
+            scale = self.gamma * invstd
+            if self.stats is None:  # batch statistics depend on x too:
+                # gx = scale * (g - mean(g) - x-hat * mean(g * x-hat))
                 m = g.dtype.type(g.shape[0])
-                gx = xhat * (-scale * ggamma / m)
-                gx += g * scale
+                gx = g * scale
+                gx += xc * (-scale * invstd * ggamma / m)
                 gx -= scale * gbeta / m
             else:
                 gx = g * scale

@@ -1,0 +1,121 @@
+"""Forward and backward time of each op at the ResNet-20 layer shapes (batch 128, float32),
+with the achieved GFLOP/s of the convolutions, to show where a training step's time goes.
+
+    python benchmarks/ops.py [--device cpu|cuda] [--batch-size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import tinyres  # noqa: E402
+from tinyres.nn import functional as F  # noqa: E402
+
+
+def _sync(device):
+    if device == "cuda":
+        import cupy
+        cupy.cuda.Device().synchronize()
+
+
+def timeit(fn, device, repeat=7):
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    ts = []
+    for _ in range(repeat):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def bench(name, make_inputs, op, flops, device, per_step):
+    """Time op's forward, then forward + backward, on fresh leaf tensors."""
+    inputs = make_inputs()
+
+    def fwd():
+        with tinyres.no_grad():
+            op(*inputs)
+
+    def fwd_bwd():
+        for t in inputs:
+            t.grad = None
+        y = op(*inputs)
+        y.backward(gy if y.shape == gy_shape[0] else None)
+
+    y0 = op(*inputs)
+    gy_shape = [y0.shape]
+    xp = tinyres.get_array_module(y0.data)
+    gy = tinyres.Tensor(xp.asarray(np.random.default_rng(1).standard_normal(y0.shape, dtype=np.float32))) \
+        if y0.size > 1 else None
+    if gy is not None:  # channels-last like the gradients that reach these ops in a network
+        gy = tinyres.Tensor(gy.data.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)) if gy.ndim == 4 else gy
+    tf = timeit(fwd, device)
+    tb = timeit(fwd_bwd, device) - tf
+    gf = f"{flops / tf / 1e9:.0f} / {2 * flops / tb / 1e9:.0f}" if flops else ""
+    print(f"| {name} | {tf * 1e3:.2f} | {tb * 1e3:.2f} | {gf} | {per_step} | {(tf + tb) * per_step * 1e3:.0f} |")
+    return (tf + tb) * per_step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch-size", type=int, default=128)
+    args = ap.parse_args()
+    dev, n = args.device, args.batch_size
+    rng = np.random.default_rng(0)
+
+    def t(*shape, grad=True, channels_last=True):
+        a = rng.standard_normal(shape, dtype=np.float32)
+        if channels_last and a.ndim == 4:  # the memory layout activations have inside a network
+            a = a.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)
+        return tinyres.tensor(a, requires_grad=grad, device=dev)
+
+    print(f"# {datetime.date.today()} | {platform.processor() or platform.machine()} | {os.cpu_count()} cores | "
+          f"NumPy {np.__version__} | device {dev} | batch {n}")
+    print("| op (ResNet-20 shape) | forward ms | backward ms | GFLOP/s fwd / bwd | per step | ms per step |")
+    print("|---|---|---|---|---|---|")
+    total = 0.0
+    # (channels, size, stride of the first conv, how many of that conv in ResNet-20)
+    for c_in, c, hw, stride, count in ((3, 16, 32, 1, 1), (16, 16, 32, 1, 6), (16, 32, 32, 2, 1),
+                                       (32, 32, 16, 1, 5), (32, 64, 16, 2, 1), (64, 64, 8, 1, 5)):
+        oh = hw // stride
+        flops = 2 * n * oh * oh * c * c_in * 9
+        total += bench(f"conv2d {c_in}->{c} 3x3/{stride} on {hw}x{hw}",
+                       lambda c_in=c_in, c=c, hw=hw: (t(n, c_in, hw, hw, grad=c_in != 3), t(c, c_in, 3, 3)),
+                       lambda x, w, stride=stride: F.conv2d(x, w, stride=stride, padding=1), flops, dev, count)
+    for c, hw, count in ((16, 32, 7), (32, 16, 6), (64, 8, 6)):
+        total += bench(f"batch_norm {c}x{hw}x{hw}", lambda c=c, hw=hw: (t(n, c, hw, hw), t(c), t(c)),
+                       lambda x, g, b: F.batch_norm(x, None, None, g, b, training=True), 0, dev, count)
+    for c, hw, count in ((16, 32, 7), (32, 16, 6), (64, 8, 6)):
+        total += bench(f"relu {c}x{hw}x{hw}", lambda c=c, hw=hw: (t(n, c, hw, hw),), F.relu, 0, dev, count)
+    for c, hw, count in ((16, 32, 3), (32, 16, 3), (64, 8, 3)):
+        total += bench(f"add (shortcut) {c}x{hw}x{hw}", lambda c=c, hw=hw: (t(n, c, hw, hw), t(n, c, hw, hw)),
+                       lambda a, b: a + b, 0, dev, count)
+    total += bench("shortcut A 16->32", lambda: (t(n, 16, 32, 32),),
+                   lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8)), 0, dev, 1)
+    total += bench("global_avg_pool2d 64x8x8", lambda: (t(n, 64, 8, 8),), F.global_avg_pool2d, 0, dev, 1)
+    total += bench("max_pool2d 3x3/2 16x32x32", lambda: (t(n, 16, 32, 32),), lambda x: F.max_pool2d(x, 3, 2, 1),
+                   0, dev, 0)
+    total += bench("avg_pool2d 2x2 16x32x32", lambda: (t(n, 16, 32, 32),), lambda x: F.avg_pool2d(x, 2), 0, dev, 0)
+    total += bench("linear 64->10", lambda: (t(n, 64), t(10, 64), t(10)), F.linear, 2 * n * 64 * 10, dev, 1)
+    labels = tinyres.tensor(rng.integers(0, 10, n), device=dev)
+    total += bench("cross_entropy", lambda: (t(n, 10),), lambda x: F.cross_entropy(x, labels), 0, dev, 1)
+    print(f"| **sum over one ResNet-20 step** | | | | | {total * 1e3:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
