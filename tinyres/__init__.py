@@ -1,15 +1,17 @@
 """tinyres: a small reverse-mode autograd engine on NumPy/CuPy that trains the CIFAR-10 ResNets."""
 
-from . import nn
+from . import models, nn, optim
 from .autograd import gradcheck
 from .backend import cuda_available, get_array_module
+from .checkpoint import load_checkpoint, save_checkpoint
+from .nn.init import manual_seed
 from .tensor import (Tensor, amax, as_tensor, cat, concatenate, exp, flatten, is_grad_enabled, log,
                      matmul, max, mean, no_grad, ones, permute, reshape, stack, sum, tensor,
                      transpose, zeros)
 
 __version__ = "0.1.0"
 
-__all__ = ["Tensor", "tensor", "as_tensor", "no_grad", "is_grad_enabled", "gradcheck", "nn",
-           "get_array_module", "cuda_available", "zeros", "ones", "exp", "log", "matmul", "sum",
-           "mean", "max", "amax", "reshape", "transpose", "permute", "flatten", "cat",
-           "concatenate", "stack"]
+__all__ = ["Tensor", "tensor", "as_tensor", "no_grad", "is_grad_enabled", "gradcheck", "nn", "models",
+           "optim", "manual_seed", "save_checkpoint", "load_checkpoint", "get_array_module",
+           "cuda_available", "zeros", "ones", "exp", "log", "matmul", "sum", "mean", "max", "amax",
+           "reshape", "transpose", "permute", "flatten", "cat", "concatenate", "stack"]

@@ -250,6 +250,11 @@ class Function:
         tensors = tuple(as_tensor(x, ref) for x in inputs)
         arrays = [t.data for t in tensors]
         self.xp = get_array_module(*arrays, op=type(self).__name__)
+        floats = {a.dtype for a in arrays if a.dtype.kind == "f"}
+        if len(floats) > 1:  # fail here, at the op that mixes them, not later in backward
+            raise TypeError(f"{type(self).__name__}: inputs mix dtypes "
+                            f"({', '.join(f'{a.dtype}{tuple(a.shape)}' for a in arrays)}); "
+                            "convert with .float() or .double() first")
         y = self.forward(*arrays)
         out = Tensor(y)
         self.needs_input_grad = tuple(t.requires_grad for t in tensors)

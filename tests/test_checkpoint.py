@@ -1,0 +1,172 @@
+"""Checkpoints: resuming is exact, saving is atomic, and a bad file changes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import tinyres
+from tinyres import nn, optim
+from tinyres.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyres.nn import functional as F
+from tinyres.nn import init
+
+
+def tiny_net(seed: int) -> nn.Module:
+    init.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def training_run(seed: int):
+    model = tiny_net(seed)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    sched = optim.WarmupLR(opt, optim.MultiStepLR(opt, [3]), warmup_lr=0.05, until_iter=1)
+    return model, opt, sched
+
+
+BATCHES = [(np.random.default_rng(i).standard_normal((6, 3, 5, 5), dtype=np.float32),
+            np.random.default_rng(i).integers(0, 3, 6)) for i in range(6)]
+
+
+def train(model, opt, sched, batches):
+    for x, y in batches:
+        loss = F.cross_entropy(model(tinyres.tensor(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for name, value in a.items():
+        np.testing.assert_array_equal(value, b[name], err_msg=name)
+
+
+def test_save_load_continue_equals_never_stopping(tmp_path):
+    model, opt, sched = training_run(seed=0)
+    train(model, opt, sched, BATCHES)
+
+    model2, opt2, sched2 = training_run(seed=0)
+    train(model2, opt2, sched2, BATCHES[:3])
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, model2, opt2, sched2, extra={"iteration": 3})
+
+    model3, opt3, sched3 = training_run(seed=1)  # a different start: everything must come from the file
+    assert load_checkpoint(path, model3, opt3, sched3) == {"iteration": 3}
+    train(model3, opt3, sched3, BATCHES[3:])
+    assert_same_state(model3.state_dict(), model.state_dict())  # bit for bit, running statistics included
+    np.testing.assert_array_equal(opt3.state[0]["momentum_buffer"], opt.state[0]["momentum_buffer"])
+    assert opt3.lr == opt.lr and sched3.state_dict() == sched.state_dict()
+
+
+def test_file_holds_plain_arrays_and_json_and_no_tmp_is_left(tmp_path):
+    model, opt, sched = training_run(seed=0)
+    train(model, opt, sched, BATCHES[:1])
+    rng = np.random.default_rng(7)
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, model, opt, sched, extra={"iteration": 1, "rng": rng.bit_generator.state})
+    save_checkpoint(path, model, opt, sched, extra={"iteration": 1, "rng": rng.bit_generator.state})  # overwrite
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]
+    with np.load(path, allow_pickle=False) as z:
+        names = set(z.files)
+        meta = json.loads(z["meta"].tobytes().decode())
+    assert {f"model/{k}" for k in model.state_dict()} | {"optim/0/momentum_buffer", "meta"} <= names
+    assert meta["extra"]["iteration"] == 1
+
+    extra = load_checkpoint(path, tiny_net(1))
+    restored = np.random.default_rng()
+    restored.bit_generator.state = extra["rng"]  # 128-bit integers survive JSON
+    assert restored.random() == rng.random()
+
+
+def test_extra_must_be_json(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    with pytest.raises(TypeError, match="JSON"):
+        save_checkpoint(path, tiny_net(0), extra={"bad": object()})
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_crash_while_writing_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    old = tiny_net(0)
+    save_checkpoint(path, old)
+
+    def crash(file, **arrays):
+        file.write(b"PK\x03\x04 half a zip file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, tiny_net(1))
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]
+    model = tiny_net(2)
+    load_checkpoint(path, model)
+    assert_same_state(model.state_dict(), old.state_dict())
+
+
+def rewrite(src, dst, change) -> None:
+    """Copy checkpoint `src` to `dst` with `change(arrays)` applied to its arrays."""
+    with np.load(src, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    change(arrays)
+    np.savez(dst, **arrays)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A checkpoint of a trained tiny net, its optimizer and schedule."""
+    model, opt, sched = training_run(seed=0)
+    train(model, opt, sched, BATCHES[:2])
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, model, opt, sched)
+    return path
+
+
+def check_refused(path, match: str) -> None:
+    """Loading `path` raises a CheckpointError naming the file and matching `match`; nothing changes."""
+    model, opt, sched = training_run(seed=3)
+    before, opt_before, sched_before = model.state_dict(), opt.state_dict(), sched.state_dict()
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_checkpoint(path, model, opt, sched)
+    assert str(path) in str(err.value)
+    assert_same_state(model.state_dict(), before)
+    assert opt.state_dict()["state"] == opt_before["state"] == {} and sched.state_dict() == sched_before
+
+
+def test_missing_tensor_is_refused(saved, tmp_path):
+    bad = tmp_path / "bad.npz"
+    rewrite(saved, bad, lambda a: a.pop("model/5.bias"))
+    check_refused(bad, r"missing: 5\.bias \(3,\)")
+
+
+def test_misshaped_tensor_is_refused(saved, tmp_path):
+    bad = tmp_path / "bad.npz"
+    rewrite(saved, bad, lambda a: a.update({"model/0.weight": np.zeros((4, 3, 5, 5), dtype=np.float32)}))
+    check_refused(bad, r"0\.weight expected \(4, 3, 3, 3\), got \(4, 3, 5, 5\)")
+
+
+def test_misshaped_optimizer_state_is_refused_before_the_model_is_touched(saved, tmp_path):
+    bad = tmp_path / "bad.npz"
+    rewrite(saved, bad, lambda a: a.update({"optim/3/momentum_buffer": np.zeros(7, dtype=np.float32)}))
+    check_refused(bad, r"optimizer state 3/momentum_buffer: expected shape \(3, 4\), got \(7,\)")
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.1, 0.5, 0.99])
+def test_truncated_file_is_refused(saved, tmp_path, keep):
+    data = saved.read_bytes()
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(data[:int(len(data) * keep)])
+    check_refused(bad, "truncated or corrupt")
+
+
+def test_corrupted_bytes_are_refused(saved, tmp_path):
+    data = bytearray(saved.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside an array: only the zip CRC can tell
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(data))
+    check_refused(bad, "truncated or corrupt")

@@ -1,0 +1,513 @@
+"""Layers with parameters and state, as `torch.nn`: `Module`, `Parameter`, and the CNN layers.
+
+A `Module` registers what is assigned to its attributes: a `Parameter` becomes one of its
+parameters, a `Module` one of its children, and `register_buffer` adds state that is saved
+but not trained (batch-norm running statistics, kept as plain NumPy or CuPy arrays). The
+layers only hold parameters; the arithmetic is in `tinyres.nn.functional`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..backend import device_of, is_cupy, normalize_device, to_device
+from ..tensor import Tensor
+from . import functional as F
+from . import init
+
+__all__ = [
+    "AdaptiveAvgPool2d",
+    "AvgPool2d",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "Conv2d",
+    "Flatten",
+    "Identity",
+    "Linear",
+    "MaxPool2d",
+    "Module",
+    "Parameter",
+    "ReLU",
+    "Sequential",
+]
+
+
+class Parameter(Tensor):
+    """A tensor that a `Module` trains: assigning one to a module attribute registers it."""
+
+    def __init__(self, data: Any, requires_grad: bool = True):
+        super().__init__(data, requires_grad=requires_grad)
+
+    def __repr__(self) -> str:
+        return "Parameter containing:\n" + super().__repr__()
+
+
+class IncompatibleKeys(NamedTuple):
+    """What `load_state_dict(strict=False)` skipped, as PyTorch returns it."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _array(value: Any):
+    """The array inside `value` (a Tensor, NumPy or CuPy array, or array-like)."""
+    if isinstance(value, Tensor):
+        return value.data
+    return value if isinstance(value, np.ndarray) or is_cupy(value) else np.asarray(value)
+
+
+# While set, Module.__call__ hands every call to this function instead of running forward:
+# `tinyres.models.summary` uses it to trace a network layer by layer.
+_call_override: Callable[[Module, tuple], Any] | None = None
+
+
+@contextlib.contextmanager
+def override_calls(fn: Callable[[Module, tuple], Any]) -> Iterator[None]:
+    """Within this block, `module(*inputs)` returns `fn(module, inputs)` for every module."""
+    global _call_override
+    prev, _call_override = _call_override, fn
+    try:
+        yield
+    finally:
+        _call_override = prev
+
+
+class Module:
+    """Base class of layers and networks, as `torch.nn.Module`."""
+
+    training: bool
+
+    def __init__(self) -> None:
+        # object.__setattr__: our own __setattr__ needs these dicts to exist already
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def forward(self, *inputs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no forward()")
+
+    def __call__(self, *inputs: Any) -> Any:
+        if _call_override is not None:
+            return _call_override(self, inputs)
+        return self.forward(*inputs)
+
+    # ---- registration ----------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(f"cannot assign {name!r} before Module.__init__() is called "
+                                 f"(call super().__init__() first in {type(self).__name__}.__init__)")
+        target = self._store_for(name, value)
+        for store in (self.__dict__, self._parameters, self._buffers, self._modules):
+            if store is not target:  # a name lives in one place; assigning again keeps its position
+                store.pop(name, None)
+        if target is self.__dict__:
+            object.__setattr__(self, name, value)  # the usual way, so properties keep working
+        else:
+            target[name] = _array(value) if target is self._buffers and value is not None else value
+
+    def _store_for(self, name: str, value: Any) -> dict:
+        if isinstance(value, Parameter):
+            return self._parameters
+        if isinstance(value, Module):
+            return self._modules
+        if name in self._buffers:
+            return self._buffers
+        return self.__dict__
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails, that is for registered names
+        for store in ("_parameters", "_buffers", "_modules"):
+            d = self.__dict__.get(store)
+            if d is not None and name in d:
+                return d[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        for store in (self._parameters, self._buffers, self._modules):
+            if name in store:
+                del store[name]
+                return
+        object.__delattr__(self, name)
+
+    def register_buffer(self, name: str, value: Any) -> None:
+        """Add state that `state_dict` saves and `to` moves but that is not trained (an array)."""
+        if name in self._parameters or name in self._modules:
+            raise KeyError(f"register_buffer: {name!r} is already a parameter or submodule")
+        self.__dict__.pop(name, None)
+        self._buffers[name] = None if value is None else _array(value)
+
+    # ---- traversal ---------------------------------------------------------------------------
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """(dotted name, module) for this module and all below it, parents before children."""
+        seen: set[int] = set()
+        stack = [(prefix, self)]
+        while stack:
+            name, m = stack.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            yield name, m
+            children = [(f"{name}.{k}" if name else k, c) for k, c in m._modules.items()]
+            stack.extend(reversed(children))  # so the first child comes out first
+
+    def modules(self) -> Iterator[Module]:
+        """This module and all below it."""
+        for _, m in self.named_modules():
+            yield m
+
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        """(name, module) for the direct submodules."""
+        yield from self._modules.items()
+
+    def children(self) -> Iterator[Module]:
+        """The direct submodules."""
+        for _, m in self.named_children():
+            yield m
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Parameter]]:
+        """(dotted name, parameter), e.g. ('layer1.0.conv1.weight', ...); each parameter once."""
+        seen: set[int] = set()
+        for mod_name, m in self.named_modules(prefix) if recurse else [(prefix, self)]:
+            for k, p in m._parameters.items():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield (f"{mod_name}.{k}" if mod_name else k), p
+
+    def parameters(self, recurse: bool = True) -> Iterator[Parameter]:
+        """All parameters, in the order of `named_parameters`."""
+        for _, p in self.named_parameters(recurse=recurse):
+            yield p
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Any]]:
+        """(dotted name, array) for every buffer, e.g. ('bn1.running_mean', ...)."""
+        for mod_name, m in self.named_modules(prefix) if recurse else [(prefix, self)]:
+            for k, b in m._buffers.items():
+                if b is not None:
+                    yield (f"{mod_name}.{k}" if mod_name else k), b
+
+    def buffers(self, recurse: bool = True) -> Iterator[Any]:
+        """All buffers (arrays)."""
+        for _, b in self.named_buffers(recurse=recurse):
+            yield b
+
+    def apply(self, fn: Callable[[Module], Any]) -> Module:
+        """Call fn(m) on every submodule (children first) and on self; returns self."""
+        for m in reversed(list(self.modules())):
+            fn(m)
+        return self
+
+    # ---- mode, gradients, device -------------------------------------------------------------
+    def train(self, mode: bool = True) -> Module:
+        """Set training mode (batch norm uses batch statistics) here and below; returns self."""
+        for m in self.modules():
+            m.training = bool(mode)
+        return self
+
+    def eval(self) -> Module:
+        """Set evaluation mode (batch norm uses running statistics); returns self."""
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        """Drop the gradients of all parameters (sets `.grad` to None, as PyTorch does by default)."""
+        for p in self.parameters():
+            p.grad = None
+
+    def to(self, device: str) -> Module:
+        """Move all parameters and buffers to `device` in place ('cpu' or 'cuda'); returns self."""
+        device = normalize_device(device)
+        for m in self.modules():
+            for p in m._parameters.values():
+                # the Parameter objects stay the same, so an optimizer holding them keeps working
+                p.data = to_device(p.data, device)
+                if p.grad is not None:
+                    p.grad.data = to_device(p.grad.data, device)
+            for k, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[k] = to_device(b, device)
+        return self
+
+    def cpu(self) -> Module:
+        """Move to the CPU in place; returns self."""
+        return self.to("cpu")
+
+    def cuda(self) -> Module:
+        """Move to the GPU in place; returns self."""
+        return self.to("cuda")
+
+    # ---- state dict --------------------------------------------------------------------------
+    def _state_items(self) -> Iterator[tuple[str, Any]]:
+        """(dotted name, array) for every parameter and buffer, in PyTorch's order."""
+        for mod_name, m in self.named_modules():
+            dot = f"{mod_name}." if mod_name else ""
+            for k, p in m._parameters.items():
+                yield dot + k, p.data
+            for k, b in m._buffers.items():
+                if b is not None:
+                    yield dot + k, b
+
+    def state_dict(self) -> OrderedDict[str, np.ndarray]:
+        """Name -> NumPy copy of every parameter and buffer (each module's parameters, then its buffers)."""
+        return OrderedDict((name, a.get() if is_cupy(a) else a.copy()) for name, a in self._state_items())
+
+    def state_dict_errors(self, state: dict[str, Any], strict: bool = True) -> list[str]:
+        """The reasons `load_state_dict(state, strict)` would refuse `state` (empty when it fits)."""
+        own = {name: tuple(a.shape) for name, a in self._state_items()}
+        given = {name: tuple(_array(v).shape) for name, v in state.items()}
+        errors = []
+        missing = [n for n in own if n not in given]
+        unexpected = [n for n in given if n not in own]
+        if strict and missing:
+            errors.append("missing: " + ", ".join(f"{n} {own[n]}" for n in missing))
+        if strict and unexpected:
+            errors.append("unexpected: " + ", ".join(f"{n} {given[n]}" for n in unexpected))
+        misshaped = [n for n in own if n in given and given[n] != own[n]]
+        if misshaped:  # never allowed, strict or not: the copy could not be made
+            errors.append("wrong shape: " + ", ".join(f"{n} expected {own[n]}, got {given[n]}" for n in misshaped))
+        not_numbers = [n for n in own if n in state and _array(state[n]).dtype.kind not in "biuf"]
+        if not_numbers:
+            errors.append("not numbers: " + ", ".join(f"{n} ({_array(state[n]).dtype})" for n in not_numbers))
+        return errors
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> IncompatibleKeys:
+        """Copy arrays or Tensors from `state` into the parameters and buffers, in place.
+
+        Every name and shape is checked before anything is copied, so a mismatch raises one
+        error listing all problems and leaves the module untouched. Each value is converted
+        to its parameter's dtype and device.
+        """
+        errors = self.state_dict_errors(state, strict)
+        if errors:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n  "
+                               + "\n  ".join(errors))
+        own = dict(self._state_items())
+        for name, a in own.items():
+            if name in state:
+                a[...] = to_device(_array(state[name]), device_of(a))  # the assignment casts the dtype
+        return IncompatibleKeys([n for n in own if n not in state], [n for n in state if n not in own])
+
+    # ---- printing ----------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        """The layer's settings, shown inside the parentheses of its repr."""
+        return ""
+
+    def __repr__(self) -> str:
+        lines = []
+        for name, m in self.named_children():
+            child = repr(m).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {child}")
+        if not lines:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        head = f"{type(self).__name__}({self.extra_repr()}" if self.extra_repr() else f"{type(self).__name__}("
+        return head + "\n" + "\n".join(lines) + "\n)"
+
+
+# ---- containers --------------------------------------------------------------------------
+
+class Sequential(Module):
+    """Modules applied one after another; indexable, iterable, with a length."""
+
+    def __init__(self, *layers: Module):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            setattr(self, str(i), layer)
+
+    def forward(self, x):
+        for layer in self._modules.values():
+            x = layer(x)
+        return x
+
+    def __getitem__(self, index: int | slice) -> Module:
+        layers = list(self._modules.values())
+        return Sequential(*layers[index]) if isinstance(index, slice) else layers[index]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._modules.values())
+
+    def append(self, layer: Module) -> Sequential:
+        """Add `layer` at the end; returns self."""
+        setattr(self, str(len(self)), layer)
+        return self
+
+
+class Identity(Module):
+    """Returns its input."""
+
+    def forward(self, x):
+        return x
+
+
+# ---- layers with parameters --------------------------------------------------------------
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
+
+
+class Conv2d(Module):
+    """2-D convolution (N, in_channels, H, W) -> (N, out_channels, OH, OW), He-initialized."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0, bias: bool = True):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
+        self.weight = Parameter(np.empty((out_channels, in_channels, *self.kernel_size), dtype=np.float32))
+        self.bias = Parameter(np.empty(out_channels, dtype=np.float32)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the weight again (He normal, fan_in) and zero the bias."""
+        # He et al. (2015), as the ResNet paper does: std = sqrt(2 / fan_in), zero bias
+        init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
+        if self.bias is not None:
+            init.zeros_(self.bias)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        return s + ("" if self.bias is not None else ", bias=False")
+
+
+class _BatchNorm(Module):
+    """Shared by BatchNorm1d and BatchNorm2d: per-channel gamma, beta and running statistics."""
+
+    ndim = 4
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = Parameter(np.ones(num_features, dtype=np.float32))  # gamma
+        self.bias = Parameter(np.zeros(num_features, dtype=np.float32))  # beta
+        self.register_buffer("running_mean", np.zeros(num_features, dtype=np.float32))
+        self.register_buffer("running_var", np.ones(num_features, dtype=np.float32))
+
+    def reset_parameters(self) -> None:
+        """gamma 1, beta 0, running mean 0, running variance 1."""
+        init.ones_(self.weight)
+        init.zeros_(self.bias)
+        self.running_mean[...] = 0
+        self.running_var[...] = 1
+
+    def forward(self, x):
+        if x.ndim != self.ndim:
+            raise ValueError(f"{type(self).__name__}: expected a {self.ndim}-D input, got shape {tuple(x.shape)}")
+        # in training, batch_norm updates running_mean and running_var in place
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=self.training, momentum=self.momentum, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization of (N, C, H, W) over N, H and W, per channel."""
+
+    ndim = 4
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization of (N, C) over N, per feature."""
+
+    ndim = 2
+
+
+class Linear(Module):
+    """x @ weight.T + bias: (N, in_features) -> (N, out_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(np.empty((out_features, in_features), dtype=np.float32))
+        self.bias = Parameter(np.empty(out_features, dtype=np.float32)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw weight and bias again from PyTorch's default uniform distribution."""
+        # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
+        bound = 1 / math.sqrt(self.in_features)
+        init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# ---- layers without parameters -----------------------------------------------------------
+
+class ReLU(Module):
+    """max(x, 0), elementwise."""
+
+    def forward(self, x):
+        return F.relu(x)
+
+
+class _Pool2d(Module):
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
+                 padding: int | tuple[int, int] = 0):
+        super().__init__()
+        self.kernel_size, self.padding = kernel_size, padding
+        self.stride = stride if stride is not None else kernel_size
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class MaxPool2d(_Pool2d):
+    """Max over kernel_size windows (stride defaults to kernel_size)."""
+
+    def forward(self, x):
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class AvgPool2d(_Pool2d):
+    """Mean over kernel_size windows (stride defaults to kernel_size)."""
+
+    def forward(self, x):
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class AdaptiveAvgPool2d(Module):
+    """Mean over H and W: (N, C, H, W) -> (N, C, 1, 1); only output_size 1."""
+
+    def __init__(self, output_size: int | tuple[int, int] = 1):
+        super().__init__()
+        if _pair(output_size) != (1, 1):
+            raise ValueError(f"AdaptiveAvgPool2d: only output_size=1 is supported, got {output_size!r}")
+        self.output_size = output_size
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x, 1)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+class Flatten(Module):
+    """Merge dims start_dim..end_dim: (N, C, H, W) -> (N, C*H*W) by default."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        super().__init__()
+        self.start_dim, self.end_dim = start_dim, end_dim
+
+    def forward(self, x):
+        return F.flatten(x, self.start_dim, self.end_dim)
+
+    def extra_repr(self) -> str:
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
