@@ -25,8 +25,8 @@ def gradcheck(fn: Callable[..., Tensor], inputs: Sequence[Tensor], *, eps: float
     and d(v . fn)/d(input) from `backward()` is checked element by element against
     (v . fn(x + eps) - v . fn(x - eps)) / (2 eps) for every input with `requires_grad`.
     """
-    checked = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
-    for t in checked:
+    checked = [(k, t) for k, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    for _, t in checked:
         if t.dtype != np.float64:
             raise TypeError(f"gradcheck: inputs must be float64 for a meaningful check, got {t.dtype} "
                             f"with shape {t.shape}")
@@ -36,22 +36,21 @@ def gradcheck(fn: Callable[..., Tensor], inputs: Sequence[Tensor], *, eps: float
     xp = get_array_module(y.data)
     rng = np.random.default_rng(seed)
     v = xp.asarray(rng.standard_normal(y.shape))
-    for t in checked:
+    for _, t in checked:
         t.grad = None
     y.backward(v)
 
-    for k, t in enumerate(checked):
+    for k, t in checked:
         analytic = np.zeros(t.shape) if t.grad is None else to_device(t.grad.data, "cpu")
         numeric = np.zeros(t.shape)
-        flat = t.data.reshape(-1)  # a view: perturb in place, restore after
-        for i in range(flat.size):
-            old = flat[i].item()
-            flat[i] = old + eps
+        for i in np.ndindex(*t.shape):  # perturb in place, whatever the memory layout, and restore
+            old = t.data[i].item()
+            t.data[i] = old + eps
             fp = float((_value(fn, inputs).data * v).sum())
-            flat[i] = old - eps
+            t.data[i] = old - eps
             fm = float((_value(fn, inputs).data * v).sum())
-            flat[i] = old
-            numeric.reshape(-1)[i] = (fp - fm) / (2 * eps)
+            t.data[i] = old
+            numeric[i] = (fp - fm) / (2 * eps)
         bad = ~np.isclose(analytic, numeric, atol=atol, rtol=rtol)
         if bad.any():
             if not raise_exception:

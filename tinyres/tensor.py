@@ -684,11 +684,11 @@ class GetItem(Function):
         self.index = index
 
     def forward(self, x):
-        self.shape = x.shape
+        self.x = x  # kept for its memory layout only: the gradient is laid out like x
         return x[self.index]
 
     def backward(self, gy):
-        gx = self.xp.zeros(self.shape, dtype=gy.dtype)
+        gx = self.xp.zeros_like(self.x)
         if _is_basic_index(self.index):
             gx[self.index] = gy
         else:  # integer-array indexing may repeat elements: accumulate
@@ -720,7 +720,7 @@ class Pad(Function):
         if any(lo < 0 or hi < 0 for lo, hi in self.widths):
             raise ValueError(f"pad: negative padding {self.widths} is not supported")
         shape = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape, self.widths))
-        y = self.xp.full(shape, self.value, dtype=x.dtype)
+        y = self.xp.full_like(x, self.value, shape=shape)  # keeps x's memory layout (channels-last)
         self.inner = tuple(slice(lo, lo + n) for n, (lo, _) in zip(x.shape, self.widths))
         y[self.inner] = x
         return y

@@ -156,7 +156,28 @@ class Conv2d(Function):
         gyh = xp.ascontiguousarray(gy.transpose(0, 2, 3, 1))  # (n, oh, ow, oc)
         gyrows = gyh.reshape(n * oh * ow, oc)
         gx = gwmat = None
-        if need_w:
+        full = (sh, sw) == (1, 1) and ph <= kh - 1 and pw <= kw - 1
+        if need_x and full:
+            # stride 1: dL/dx is the "full" convolution of dL/dy with the flipped kernel, an
+            # im2col of dL/dy + GEMM. The same columns give dL/dW = x^T @ columns (flipped back),
+            # so x's columns need not be rebuilt.
+            xrows = xp.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(n * h * wd, c)
+            wflip = w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(kh * kw * oc, c)
+            gx = xp.empty((n, h, wd, c), dtype=x.dtype)
+            gxrows = gx.reshape(n * h * wd, c)
+            gwflip = xp.zeros((c, kh * kw * oc), dtype=w.dtype) if need_w else None
+            step = _chunk(xp, h * wd * kh * kw * oc * x.itemsize, n)
+            buf = None
+            for n0 in range(0, n, step):
+                buf = _padded(xp, gyh[n0:n0 + step], kh - 1 - ph, kw - 1 - pw, buf)
+                col = im2col(buf, kh, kw, 1, 1, h, wd, xp).reshape(-1, kh * kw * oc)
+                rows = slice(n0 * h * wd, (n0 + len(buf)) * h * wd)
+                xp.matmul(col, wflip, out=gxrows[rows])
+                if need_w:
+                    gwflip += xrows[rows].T @ col
+            if need_w:  # gwflip[c, (i', j', oc)] holds dL/dW[oc, c, kh-1-i', kw-1-j']
+                gwmat = gwflip.reshape(c, kh, kw, oc)[:, ::-1, ::-1].transpose(1, 2, 0, 3).reshape(kh * kw * c, oc)
+        elif need_w:
             # dL/dW = columns^T @ dL/dy; the columns are rebuilt in cache-sized chunks
             # rather than kept from forward, where they would take 9x the input's memory
             gwmat = xp.zeros((kh * kw * c, oc), dtype=w.dtype)
@@ -167,19 +188,7 @@ class Conv2d(Function):
                 buf = _padded(xp, xh[n0:n0 + step], ph, pw, buf)
                 col = im2col(buf, kh, kw, sh, sw, oh, ow, xp).reshape(-1, kh * kw * c)
                 gwmat += col.T @ gyrows[n0 * oh * ow:(n0 + len(buf)) * oh * ow]
-        if need_x and (sh, sw) == (1, 1) and ph <= kh - 1 and pw <= kw - 1:
-            # stride 1: dL/dx is the "full" convolution of dL/dy with the flipped kernel,
-            # an im2col + GEMM that writes dL/dx directly (no scattered col2im adds)
-            wflip = w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(kh * kw * oc, c)
-            gx = xp.empty((n, h, wd, c), dtype=x.dtype)
-            gxrows = gx.reshape(n * h * wd, c)
-            step = _chunk(xp, h * wd * kh * kw * oc * x.itemsize, n)
-            buf = None
-            for n0 in range(0, n, step):
-                buf = _padded(xp, gyh[n0:n0 + step], kh - 1 - ph, kw - 1 - pw, buf)
-                col = im2col(buf, kh, kw, 1, 1, h, wd, xp).reshape(-1, kh * kw * oc)
-                xp.matmul(col, wflip, out=gxrows[n0 * h * wd:(n0 + len(buf)) * h * wd])
-        elif need_x:
+        if need_x and not full:
             # strided: scatter the column gradients back with col2im
             wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, oc)
             gx = xp.empty((n, h, wd, c), dtype=x.dtype)
@@ -354,9 +363,9 @@ class MaxPool2d(_Pool2d):
 
     def backward(self, gy):
         xp = self.xp
-        n, c, h, w, oh, ow = self.geom
-        dcol = xp.zeros((n, oh, ow, self.k[0] * self.k[1], c), dtype=gy.dtype)
-        xp.put_along_axis(dcol, self.arg, gy.transpose(0, 2, 3, 1)[:, :, :, None, :], axis=3)
+        kk = self.k[0] * self.k[1]
+        onehot = xp.arange(kk).reshape(1, 1, 1, kk, 1) == self.arg  # where each window's max was
+        dcol = onehot * gy.transpose(0, 2, 3, 1)[:, :, :, None, :]
         return self._scatter(dcol)
 
 
