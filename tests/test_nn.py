@@ -227,7 +227,7 @@ def test_batch_norm_trains_on_batch_stats_and_evaluates_on_running_stats(device)
 def test_batch_norm_checks_input_rank():
     with pytest.raises(ValueError, match="4-D"):
         nn.BatchNorm2d(3)(tinyres.zeros(2, 3))
-    assert nn.BatchNorm1d(3)(tinyres.tensor(np.arange(6.0).reshape(2, 3))).shape == (2, 3)
+    assert nn.BatchNorm1d(3)(tinyres.tensor(np.arange(6.0, dtype=np.float32).reshape(2, 3))).shape == (2, 3)
 
 
 # ---- init --------------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""Figure 6 of He et al. (2015): training and test error of plain nets and ResNets on CIFAR-10.
+
+    python examples/plot_curves.py runs/plain20 runs/plain56 runs/r20 runs/r56 --out fig6.png
+
+Each argument is a run directory written by `train_cifar.py` (its metrics.jsonl and config.json).
+Dashed thin lines are training error, bold lines test error; one colour per depth; plain nets
+on the left, ResNets on the right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+# The object-oriented Figure renders PNGs with the Agg backend and never touches pyplot's
+# global state or a display, so this runs on headless machines and inside other programs.
+from matplotlib.figure import Figure
+
+# one colour per depth, close to the paper's figure
+DEPTH_COLORS = {20: "#f0a30a", 32: "#1f77b4", 44: "#2ca02c", 56: "#d62728", 110: "#000000", 1202: "#9467bd"}
+FALLBACK_COLORS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """A run's label, depth, plain flag and metrics rows, read from its directory."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a last line cut short by a kill
+            break
+    depth, plain = int(config["depth"]), bool(config.get("plain", False))
+    shortcut = str(config.get("shortcut", "A")).upper()
+    label = f"plain-{depth}" if plain else f"ResNet-{depth}" + ("" if shortcut == "A" else f" ({shortcut})")
+    return {"label": label, "depth": depth, "plain": plain, "rows": rows, "dir": str(run_dir)}
+
+
+def _color(depth: int, used: dict[int, str]) -> str:
+    if depth not in used:
+        used[depth] = DEPTH_COLORS.get(depth) or FALLBACK_COLORS[len(used) % len(FALLBACK_COLORS)]
+    return used[depth]
+
+
+def plot_curves(run_dirs: list[str | Path], out: str | Path = "fig6.png", ymax: float | None = None) -> Path:
+    """Draw Figure 6 (error % vs iterations; plain | ResNet panels) from run dirs into PNG `out`."""
+    runs = sorted((load_run(d) for d in run_dirs), key=lambda r: (r["depth"], r["label"]))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    colors: dict[int, str] = {}
+    top = 0.0
+    for ax, plain in zip(axes, (True, False)):
+        group = [r for r in runs if r["plain"] == plain and r["rows"]]
+        for r in group:
+            its = [row["iter"] for row in r["rows"]]
+            train_err = [100 * row["train_err"] for row in r["rows"]]
+            test_err = [100 * row["test_err"] for row in r["rows"]]
+            c = _color(r["depth"], colors)
+            ax.plot(its, train_err, "--", color=c, linewidth=0.9)
+            ax.plot(its, test_err, "-", color=c, linewidth=2.2, label=r["label"])
+            top = max(top, *train_err, *test_err)
+        split = group[0]["rows"][-1].get("split", "test") if group else "test"
+        ax.set_title("plain networks" if plain else "residual networks (ResNets)")
+        ax.set_xlabel("iterations")
+        ax.grid(True, alpha=0.3)
+        if group:
+            ax.legend(loc="upper right", fontsize=9, title=f"dashed: training, bold: {split}",
+                      title_fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="gray")
+    axes[0].set_ylabel("error (%)")
+    axes[0].set_ylim(0, ymax if ymax is not None else min(100.0, max(20.0, 1.05 * top)))
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run dirs in, PNG out."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl and config.json")
+    p.add_argument("--out", default="fig6.png", help="the PNG to write")
+    p.add_argument("--ymax", type=float, default=None, help="top of the error axis in %% (default: fit the data)")
+    args = p.parse_args(argv)
+    path = plot_curves(args.runs, args.out, args.ymax)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Reproduce the CIFAR-10 comparison of He et al. (2015): train several nets, tabulate, plot Figure 6.
+
+    python examples/reproduce.py --data ../shared/data/cifar10-jpeg.tar.gz --out runs/reproduce
+    python examples/reproduce.py --nets plain-20 resnet-20 resnet-110 --schedule paper --device cuda
+
+Each net trains into its own directory under --out; finished runs are skipped and unfinished
+ones resumed, so the command can be interrupted and started again. Writes results.md (a table
+with the paper's Table 6 test errors beside ours) and fig6.png; for Figure 7, run
+`examples/layer_responses.py` on the run directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for plot_curves
+
+from plot_curves import plot_curves
+
+from tinyres.data import load_cifar10
+from tinyres.train import TrainConfig, model_name, paper_schedule, train
+
+# Table 6 of the paper: CIFAR-10 test error (%) of the ResNets with option-A shortcuts
+PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
+DEFAULT_NETS = ("plain-20", "plain-56", "resnet-20", "resnet-56")
+
+
+def parse_net(spec: str) -> tuple[int, bool, str]:
+    """(depth, plain, shortcut) from a name like 'plain-20', 'resnet-56' or 'resnet-56-b'."""
+    m = re.fullmatch(r"(plain|resnet)-?(\d+)(?:-([abc]))?", spec.strip().lower())
+    if not m or (m.group(1) == "plain" and m.group(3)):
+        raise argparse.ArgumentTypeError(f"bad net {spec!r}: use plain-N, resnet-N or resnet-N-b / resnet-N-c")
+    return int(m.group(2)), m.group(1) == "plain", (m.group(3) or "a").upper()
+
+
+def machine() -> str:
+    """A short description of this machine (CPU model and count; the GPU on 'cuda')."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()}, Python {platform.python_version()}"
+
+
+def gpu_name() -> str:
+    """The name of GPU 0 as CuPy reports it."""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _hms(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table of results: one row per net, the paper's Table 6 value beside ours."""
+    lines = ["| net | params | iterations | training error (%) | test error (%) | paper (Table 6) (%) | wall time |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        paper = PAPER_TEST_ERROR.get(r["depth"]) if not r["plain"] and r["shortcut"] == "A" else None
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['iterations']:,} | {100 * r['train_err']:.2f} | "
+                     f"{100 * r['test_err']:.2f} | {'—' if paper is None else f'{paper:.2f}'} | "
+                     f"{_hms(r['elapsed'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: train each net (skipping finished runs), then write results.md and fig6.png."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nets", nargs="+", type=parse_net, default=[parse_net(n) for n in DEFAULT_NETS],
+                   metavar="NET", help=f"nets to train (default: {' '.join(DEFAULT_NETS)})")
+    p.add_argument("--schedule", choices=["paper", "short"], default="short",
+                   help="paper: 64k iterations (lr /10 at 32k, 48k); short: 2k (/10 at 1.5k, 1.9k)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="total iterations; the schedule's lr milestones scale with it")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--val-split", action="store_true", help="evaluate on 5k images held out from training")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--data", default=None, help="CIFAR-10 archive (default: $TINYRES_DATA, else download)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="iterations between evaluations and checkpoints (default: 1/10 of the run, at most 1000)")
+    p.add_argument("--out", default="runs/reproduce", help="one subdirectory per net, results.md and fig6.png")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    args = p.parse_args(argv)
+
+    iters, milestones = paper_schedule(args.schedule)
+    if args.iters is not None:
+        milestones = tuple(round(m * args.iters / iters) for m in milestones)
+        iters = args.iters
+    eval_every = args.eval_every or max(1, min(1000, iters // 10))
+    out = Path(args.out)
+    data = load_cifar10(args.data)
+
+    rows, run_dirs = [], []
+    for depth, plain, shortcut in args.nets:
+        name = model_name(depth, plain, shortcut)
+        run_dir = out / name.lower().replace(" ", "").replace("(", "-").replace(")", "")
+        config = TrainConfig(depth=depth, plain=plain, shortcut=shortcut, iters=iters, milestones=milestones,
+                             batch_size=args.batch_size, val_split=args.val_split, device=args.device,
+                             seed=args.seed, out=str(run_dir), resume=True, eval_every=eval_every,
+                             checkpoint_every=eval_every, progress=not args.quiet)
+        print(f"== {name}: {iters:,} iterations, lr /10 at {', '.join(map(str, milestones))} -> {run_dir}",
+              file=sys.stderr)
+        result = train(config, data=data)
+        rows.append({**result, "depth": depth, "plain": plain, "shortcut": shortcut})
+        run_dirs.append(run_dir)
+
+    split = rows[0].get("split", "test") if rows else "test"
+    evaluated = (f"{TrainConfig().val_size:,} validation images held out from training" if split == "val"
+                 else f"{len(data.test_images):,} test images")
+    command = " ".join(["python examples/reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    device = f"GPU: {gpu_name()}" if args.device == "cuda" else "CPU only"
+    text = (f"# CIFAR-10: plain nets and ResNets ({args.schedule} schedule, {iters:,} iterations)\n\n"
+            + results_table(rows)
+            + "\nTraining error: mean over the last evaluation interval (augmented batches). "
+            f"Test error: on the {evaluated}. The paper trains 64k iterations on the original lossless "
+            "CIFAR-10; a shorter schedule or a lossy (JPEG) copy of the data gives higher errors, so compare "
+            "trends, not digits.\n\n"
+            f"Command: `{command}`  \nMachine: {machine()}; {device}.  \nData: {data.source}\n\n"
+            "![Figure 6](fig6.png)\n")
+    (out / "results.md").write_text(text)
+    fig = plot_curves(run_dirs, out / "fig6.png")
+    print(text)
+    print(f"wrote {out / 'results.md'} and {fig}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Train a CIFAR-10 ResNet (or plain net) of He et al. (2015) with tinyres.
+
+    python examples/train_cifar.py --schedule short --data ../shared/data/cifar10-jpeg.tar.gz --out runs/r20
+    python examples/train_cifar.py --depth 110 --device cuda --out runs/r110      # the paper's 64k iterations
+    python examples/train_cifar.py --out runs/r110 --resume
+
+Ctrl-C saves a checkpoint; `--resume` continues exactly where the run stopped, with the settings
+saved in the run's config.json (flags given with --resume change them, e.g. --iters or --data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from tinyres.train import DivergenceError, TrainConfig, load_run_config, paper_schedule, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one flag per TrainConfig field that people change."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, default=d.depth, help="6n+2 layers: 20, 32, 44, 56, 110, 1202 (%(default)s)")
+    p.add_argument("--plain", action="store_true", help="a plain net: no shortcut connections")
+    p.add_argument("--shortcut", choices=["A", "B", "C"], default=d.shortcut, type=str.upper,
+                   help="A: identity, zero-padded where shapes change; B: projections there; C: all projections "
+                        "(%(default)s)")
+    p.add_argument("--schedule", choices=["paper", "short"], default="paper",
+                   help="paper: 64k iterations, lr /10 at 32k and 48k; short: 2k, /10 at 1.5k and 1.9k (%(default)s)")
+    p.add_argument("--iters", type=int, default=None, help="total iterations (overrides --schedule)")
+    p.add_argument("--milestones", type=int, nargs="*", default=None,
+                   help="iterations at which the lr is divided by 10 (overrides --schedule)")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (%(default)s)")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (%(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per iteration (%(default)s)")
+    p.add_argument("--warmup", choices=["auto", "on", "off"], default="auto",
+                   help="lr 0.01 until the training error is below 80%% (auto: for depth >= 110)")
+    p.add_argument("--no-augment", action="store_true", help="no pad/crop/flip augmentation")
+    p.add_argument("--val-split", action="store_true", help="train on 45k images, evaluate on 5k held out")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=d.device, help="(%(default)s)")
+    p.add_argument("--data", default=None,
+                   help="CIFAR-10 archive or folder (default: $TINYRES_DATA, else the download cache)")
+    p.add_argument("--seed", type=int, default=d.seed, help="weights, data order and augmentation (%(default)s)")
+    p.add_argument("--out", default=d.out,
+                   help="run directory for config.json, metrics.jsonl, checkpoint.npz (%(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help=f"iterations between evaluations (default: {d.eval_every}, or 1/20 of a shorter run)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="iterations between checkpoints (%(default)s)")
+    p.add_argument("--prefetch", type=int, default=d.prefetch,
+                   help="batches prepared ahead in a background thread (%(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that the parsed flags describe (--iters/--milestones override --schedule)."""
+    iters, milestones = paper_schedule(args.schedule)
+    iters = args.iters if args.iters is not None else iters
+    milestones = tuple(args.milestones) if args.milestones is not None else milestones
+    return TrainConfig(
+        depth=args.depth, plain=args.plain, shortcut=args.shortcut, iters=iters, milestones=milestones,
+        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        warmup={"auto": None, "on": True, "off": False}[args.warmup], augment=not args.no_augment,
+        val_split=args.val_split, device=args.device, data_path=args.data, seed=args.seed, out=args.out,
+        resume=args.resume, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every or min(TrainConfig.eval_every, max(1, iters // 20)),
+        prefetch=args.prefetch, progress=not args.quiet)
+
+
+# the TrainConfig fields that each flag sets, where they differ from the flag's name
+FLAG_FIELDS = {"schedule": ("iters", "milestones"), "no_augment": ("augment",), "data": ("data_path",),
+               "quiet": ("progress",)}
+
+
+def resume_config(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> TrainConfig:
+    """The config saved in --out, changed only where a flag was given: `--out DIR --resume` is enough."""
+    for action in parser._actions:  # parse again with no defaults, to see which flags were given
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    requested = config_from_args(args)
+    changes = {f: getattr(requested, f) for flag in given for f in FLAG_FIELDS.get(flag, (flag,))}
+    return dataclasses.replace(load_run_config(args.out), **{**changes, "out": args.out, "resume": True})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, train, print the final error; exit status 130 after Ctrl-C, 1 on divergence."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume and (Path(args.out) / "config.json").exists():
+        config = resume_config(parser, argv, args)
+    else:
+        config = config_from_args(args)
+    try:
+        result = train(config)
+    except KeyboardInterrupt as e:
+        print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
+        return 130
+    except DivergenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if "test_err" in result:
+        print(f"{result['name']}: {result['iterations']} iterations, train error {100 * result['train_err']:.2f}%, "
+              f"{result['split']} error {100 * result['test_err']:.2f}% (out: {result['out']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Tests of the example scripts: the training CLI (and its Ctrl-C), the figures, reproduce.py, predict.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train import synthetic_cifar
+
+from tinyres.checkpoint import load_checkpoint
+from tinyres.data import CLASSES
+from tinyres.train import TrainConfig, build_model, train
+
+Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("matplotlib")
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def example(name: str):
+    """Import examples/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch, tmp_path):
+    """No test reads the user's TINYRES_DATA or writes decoded data to ~/.cache."""
+    monkeypatch.delenv("TINYRES_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """A tiny CIFAR-10 in the image-folder layout: train/<class>/*.png (4 each), test/<class>/*.png (2 each)."""
+    root = tmp_path_factory.mktemp("cifar-images")
+    data = synthetic_cifar(400, 200, size=32, seed=1)
+    for split, images, labels, per_class in (("train", data.train_images, data.train_labels, 4),
+                                             ("test", data.test_images, data.test_labels, 2)):
+        for k, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i, image in enumerate(images[labels == k][:per_class]):
+                Image.fromarray(image).save(root / split / name / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two briefly trained 32x32 run directories: plain-8 and ResNet-8."""
+    root = tmp_path_factory.mktemp("runs")
+    data = synthetic_cifar(64, 20, size=32)
+    runs = {}
+    for name, plain in (("plain8", True), ("resnet8", False)):
+        config = TrainConfig(depth=8, plain=plain, iters=3, milestones=(), batch_size=8, eval_every=3,
+                             checkpoint_every=3, out=str(root / name), progress=False)
+        train(config, data=data)
+        runs[name] = root / name
+    return runs
+
+
+def write_run(run_dir: Path, depth: int, plain: bool, iters: int = 2000, every: int = 100) -> None:
+    """A recorded run: config.json and a metrics.jsonl whose errors fall like a training curve."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({**TrainConfig(depth=depth, plain=plain).to_dict()}))
+    level = 0.12 + (0.004 * depth if plain else 0.0)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for it in range(every, iters + 1, every):
+            train_err = level * 0.7 + 0.8 * np.exp(-it / 400)
+            f.write(json.dumps({"iter": it, "lr": 0.1, "train_loss": 2 * train_err, "train_err": train_err,
+                                "test_loss": 2 * train_err + 0.2, "test_err": train_err + 0.05,
+                                "split": "test", "elapsed": it / 10}) + "\n")
+
+
+# ---- figures -----------------------------------------------------------------------------
+
+def test_plot_curves_writes_figure_6(tmp_path, capsys):
+    plot_curves = example("plot_curves")
+    dirs = []
+    for depth, plain in ((20, True), (56, True), (20, False), (56, False), (110, False)):
+        dirs.append(tmp_path / f"{'plain' if plain else 'resnet'}{depth}")
+        write_run(dirs[-1], depth, plain)
+    with open(dirs[0] / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 2100, "lr"')  # a line cut short by a kill is ignored
+    out = tmp_path / "figs" / "fig6.png"
+    assert plot_curves.main([*map(str, dirs), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert "wrote" in capsys.readouterr().out
+    labels = [plot_curves.load_run(d)["label"] for d in dirs]
+    assert labels == ["plain-20", "plain-56", "ResNet-20", "ResNet-56", "ResNet-110"]
+    assert len(plot_curves.load_run(dirs[0])["rows"]) == 20
+
+
+def test_layer_responses_are_the_bn_outputs_of_3x3_convs():
+    import tinyres
+    from tinyres.data import to_float
+
+    layer_responses = example("layer_responses")
+    images = synthetic_cifar(24, 1, size=32).train_images
+    mean = np.zeros((3, 32, 32), np.float32)
+    for depth, plain, shortcut, n in ((20, False, "A", 19), (20, True, "A", 19), (8, False, "B", 7)):
+        model = build_model(depth, plain, shortcut)
+        stds = layer_responses.layer_responses(model, images, mean, batch_size=10)
+        assert stds.shape == (n,) and np.all(stds > 0) and model.training
+    # the first response is the stem's BN output: compare with running the layers by hand
+    model = build_model(8).eval()
+    with tinyres.no_grad():
+        first = model.bn1(model.conv1(tinyres.tensor(to_float(images, mean)))).numpy()
+    stds = layer_responses.layer_responses(model, images, mean, batch_size=7)
+    assert stds[0] == pytest.approx(first.astype(np.float64).std(), rel=1e-5)
+
+
+def test_layer_responses_cli_writes_figure_7(tmp_path, image_folder, trained_runs, capsys):
+    layer_responses = example("layer_responses")
+    out = tmp_path / "fig7.png"
+    runs = [str(trained_runs["plain8"]), str(trained_runs["resnet8"] / "checkpoint.npz")]
+    assert layer_responses.main([*runs, "--data", str(image_folder), "--limit", "12", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    text = capsys.readouterr().out
+    assert "plain-8: 7 layers" in text and "ResNet-8: 7 layers" in text
+
+
+# ---- predict -----------------------------------------------------------------------------
+
+def test_predict_prints_top_3_classes(tmp_path, trained_runs, capsys):
+    predict = example("predict")
+    big = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 50, 3), dtype=np.uint8)).save(big)
+    rgba = tmp_path / "icon.png"
+    Image.new("RGBA", (20, 20), (255, 0, 0, 128)).save(rgba)
+    assert predict.main([str(trained_runs["resnet8"]), str(big), str(rgba)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("ResNet-8 from")
+    for line, name in zip(lines[1:], (big, rgba)):
+        assert line.startswith(f"{name}: ")
+        found = [c for c in CLASSES if f" {c} " in line]
+        percents = [float(p.rstrip("%")) for p in line.split() if p.endswith("%")]
+        assert len(found) == 3 and len(percents) == 3
+        assert percents == sorted(percents, reverse=True) and sum(percents) <= 100.1
+    assert len(lines) == 3
+
+
+def test_predict_needs_the_network(tmp_path, trained_runs, capsys):
+    predict = example("predict")
+    ckpt = tmp_path / "alone.npz"
+    ckpt.write_bytes((trained_runs["resnet8"] / "checkpoint.npz").read_bytes())
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    with pytest.raises(SystemExit):
+        predict.main([str(ckpt), str(image)])
+    assert "--depth" in capsys.readouterr().err
+    mean = str(trained_runs["resnet8"] / "mean.npy")
+    assert predict.main([str(ckpt), str(image), "--depth", "8", "--mean", mean]) == 0
+
+
+# ---- reproduce ---------------------------------------------------------------------------
+
+def test_reproduce_trains_tabulates_and_plots(tmp_path, image_folder, capsys):
+    reproduce = example("reproduce")
+    out = tmp_path / "repro"
+    args = ["--nets", "plain-8", "resnet-20", "--iters", "2", "--batch-size", "8", "--data", str(image_folder),
+            "--out", str(out), "--quiet"]
+    assert reproduce.main(args) == 0
+    table = (out / "results.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "| plain-8 | 0.08M | 2 |" in rows["plain-8"] and rows["plain-8"].rstrip().split("|")[-3].strip() == "—"
+    assert "| 8.75 |" in rows["ResNet-20"] and "| 0.27M | 2 |" in rows["ResNet-20"]
+    assert "Command: `python examples/reproduce.py --nets plain-8" in table and "Machine:" in table
+    assert (out / "fig6.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "resnet-20" / "checkpoint.npz").exists() and (out / "plain-8" / "metrics.jsonl").exists()
+    # a second run finds both nets finished and only rewrites the table
+    stamp = (out / "resnet-20" / "checkpoint.npz").stat().st_mtime_ns
+    capsys.readouterr()
+    assert reproduce.main(args) == 0
+    assert (out / "resnet-20" / "checkpoint.npz").stat().st_mtime_ns == stamp
+    assert (out / "results.md").read_text().split("Command")[0] == table.split("Command")[0]
+
+
+def test_reproduce_net_names():
+    reproduce = example("reproduce")
+    assert reproduce.parse_net("plain-20") == (20, True, "A")
+    assert reproduce.parse_net("ResNet-110") == (110, False, "A")
+    assert reproduce.parse_net("resnet-56-b") == (56, False, "B")
+    with pytest.raises(Exception, match="bad net"):
+        reproduce.parse_net("vgg-16")
+
+
+# ---- the training command line -----------------------------------------------------------
+
+def test_train_cifar_schedules_and_flags():
+    train_cifar = example("train_cifar")
+    parse = train_cifar.build_parser().parse_args
+    c = train_cifar.config_from_args(parse(["--schedule", "short", "--depth", "56", "--plain"]))
+    assert (c.iters, c.milestones, c.depth, c.plain, c.lr, c.batch_size) == (2000, (1500, 1900), 56, True, 0.1, 128)
+    c = train_cifar.config_from_args(parse(["--schedule", "short", "--iters", "300", "--milestones", "100",
+                                            "--shortcut", "b", "--val-split", "--device", "cuda"]))
+    assert (c.iters, c.milestones, c.shortcut, c.val_split, c.device) == (300, (100,), "B", True, "cuda")
+    c = train_cifar.config_from_args(parse([]))
+    assert (c.iters, c.milestones, c.depth, c.shortcut, c.plain) == (64000, (32000, 48000), 20, "A", False)
+    assert (c.momentum, c.weight_decay, c.warmup, c.eval_every) == (0.9, 1e-4, None, 1000)
+    assert train_cifar.config_from_args(parse(["--schedule", "short"])).eval_every == 100
+    assert train_cifar.config_from_args(parse(["--schedule", "short", "--eval-every", "7"])).eval_every == 7
+
+
+def test_train_cifar_resume_takes_the_saved_config(tmp_path):
+    train_cifar = example("train_cifar")
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = TrainConfig(depth=56, plain=True, iters=2000, milestones=(1500, 1900), batch_size=64, eval_every=50,
+                        data_path="somewhere/cifar.tar.gz", out=str(out))
+    (out / "config.json").write_text(json.dumps(saved.to_dict()))
+
+    def resumed(*flags: str) -> TrainConfig:
+        parser = train_cifar.build_parser()
+        argv = ["--out", str(out), "--resume", *flags]
+        return train_cifar.resume_config(parser, argv, parser.parse_args(argv))
+
+    c = resumed()
+    assert (c.depth, c.plain, c.iters, c.milestones, c.batch_size, c.eval_every, c.resume) == \
+        (56, True, 2000, (1500, 1900), 64, 50, True)
+    assert c.data_path == "somewhere/cifar.tar.gz"
+    c = resumed("--iters", "3000", "--data", "here.tar.gz", "--quiet")
+    assert (c.depth, c.iters, c.milestones, c.data_path, c.progress) == (56, 3000, (1500, 1900), "here.tar.gz", False)
+    c = resumed("--schedule", "paper")
+    assert (c.iters, c.milestones, c.eval_every) == (64000, (32000, 48000), 50)
+
+
+def test_train_cifar_ctrl_c_saves_and_resume_finishes(tmp_path, image_folder):
+    out = tmp_path / "run"
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(EXAMPLES / "train_cifar.py"), "--depth", "8", "--data", str(image_folder),
+           "--batch-size", "8", "--eval-every", "3", "--checkpoint-every", "1000000", "--out", str(out)]
+    child = subprocess.Popen([*cmd, "--iters", "100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 60
+    while child.poll() is None and not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert f"checkpoint saved to {out / 'checkpoint.npz'}" in err
+    it = load_checkpoint(out / "checkpoint.npz", build_model(8))["iteration"]
+    assert it >= 3
+
+    resume = [sys.executable, str(EXAMPLES / "train_cifar.py"), "--out", str(out), "--resume", "--iters", str(it + 2)]
+    done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming {out / 'checkpoint.npz'} at iteration {it}" in done.stderr
+    assert f"ResNet-8: {it + 2} iterations" in done.stdout

@@ -1,0 +1,320 @@
+"""Tests of tinyres.train: learning, exact resume, Ctrl-C, SIGKILL during checkpoints, divergence."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import real_cifar10
+
+from tinyres import cuda_available
+from tinyres.checkpoint import load_checkpoint
+from tinyres.data import CIFAR10, CLASSES
+from tinyres.train import DivergenceError, Progress, TrainConfig, build_model, evaluate, read_metrics, train
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_THREAD = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+# ten well-separated colours, one per class
+COLORS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                   [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [128, 128, 128]], np.float32)
+
+
+def synthetic_cifar(n_train: int = 256, n_test: int = 64, size: int = 8, seed: int = 0) -> CIFAR10:
+    """A learnable stand-in for CIFAR-10: a disc of the class colour at a random place on noise."""
+    rng = np.random.default_rng(seed)
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 10, n)
+        x = rng.normal(128, 40, (n, size, size, 3))
+        yy, xx = np.mgrid[:size, :size]
+        cy, cx = rng.uniform(0.3 * size, 0.7 * size, (2, n, 1, 1))
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (size / 3.5) ** 2
+        x = np.where(disc[..., None], 0.8 * COLORS[y][:, None, None, :] + 0.2 * x, x)
+        return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+    return CIFAR10(*make(n_train), *make(n_test), source="synthetic")
+
+
+def real_subset(path: Path, train_per_class: int, test_per_class: int, size: int = 16) -> CIFAR10:
+    """The first images of each class of the real archive, shrunk to size x size (2x2 means) for speed."""
+    from PIL import Image
+
+    want = {"train": train_per_class, "test": test_per_class}
+    got: dict[tuple[str, str], list[np.ndarray]] = {(s, c): [] for s in want for c in CLASSES}
+    with tarfile.open(path, "r:gz") as tar:
+        for member in tar:
+            key = tuple(member.name.split("/")[-3:-1])
+            if member.isfile() and key in got and len(got[key]) < want[key[0]]:
+                with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
+                    got[key].append(np.asarray(im.convert("RGB")))
+    arrays = []
+    k = 32 // size
+    for split, per_class in want.items():
+        x = np.stack([im for c in CLASSES for im in got[(split, c)]])
+        x = x.reshape(len(x), size, k, size, k, 3).mean(axis=(2, 4)).round().astype(np.uint8)
+        arrays += [x, np.repeat(np.arange(10, dtype=np.int64), per_class)]
+    return CIFAR10(*arrays, source=str(path))
+
+
+def tiny_config(out: Path, **kw) -> TrainConfig:
+    """A ResNet-8 run on 8x8 images, batch 8: fast enough to train many times per test."""
+    kw = {"depth": 8, "iters": 12, "milestones": (9,), "batch_size": 8, "eval_every": 4, "checkpoint_every": 5,
+          "eval_batch_size": 64, "out": str(out), "progress": False, **kw}
+    return TrainConfig(**kw)
+
+
+def final_state(run_dir: Path, config: TrainConfig) -> dict[str, np.ndarray]:
+    model = build_model(config.depth, config.plain, config.shortcut)
+    load_checkpoint(Path(run_dir) / "checkpoint.npz", model)
+    return model.state_dict()
+
+
+def assert_same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert v.dtype == np.float32, k
+        np.testing.assert_array_equal(v, b[k], err_msg=k)
+
+
+# A child process that trains (or resumes) a config on data saved to an .npz. Each fsync takes
+# $SLOW_FSYNC seconds longer, so that a kill often lands while a checkpoint is being written.
+CHILD = """
+import json, os, sys, time
+_fsync = os.fsync
+os.fsync = lambda fd: (time.sleep(float(os.environ.get("SLOW_FSYNC", "0"))), _fsync(fd))[1]
+sys.path.insert(0, {repo!r})
+import numpy as np
+from tinyres.data import CIFAR10
+from tinyres.train import TrainConfig, train
+arrays = np.load(sys.argv[1])
+train(TrainConfig(**json.loads(sys.argv[2])), data=CIFAR10(**{{k: arrays[k] for k in arrays.files}}, source="npz"))
+"""
+
+
+def child_command(tmp_path: Path, data: CIFAR10, config: TrainConfig) -> list[str]:
+    """The command line of a CHILD process that trains (resuming) `config` on `data`."""
+    script, arrays = tmp_path / "child.py", tmp_path / "data.npz"
+    if not script.exists():
+        script.write_text(CHILD.format(repo=str(REPO)))
+        np.savez(arrays, train_images=data.train_images, train_labels=data.train_labels,
+                 test_images=data.test_images, test_labels=data.test_labels)
+    return [sys.executable, str(script), str(arrays), json.dumps(config.to_dict())]
+
+
+def run_child(command: list[str], env: dict[str, str]) -> None:
+    """Run a CHILD to the end; fail with its stderr if it fails."""
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_data() -> CIFAR10:
+    return synthetic_cifar()
+
+
+# ---- learning ----------------------------------------------------------------------------
+
+def test_smoke_training_learns(tmp_path):
+    """ResNet-8 on 2,000 real CIFAR-10 images (or a synthetic set): loss and error fall clearly."""
+    path = real_cifar10()
+    if path is not None:
+        data, iters = real_subset(path, 200, 50), 240
+    else:
+        data, iters = synthetic_cifar(2000, 500, size=16), 120
+    config = TrainConfig(depth=8, iters=iters, milestones=(iters * 5 // 6,), batch_size=32, eval_every=iters // 4,
+                         checkpoint_every=iters, eval_batch_size=500, out=str(tmp_path / "run"), progress=False)
+    t0 = time.perf_counter()
+    # In a child with one BLAS thread: on a busy 2-core machine, OpenBLAS's threads waiting on each
+    # other made this run 4x slower. The test checks learning, not speed.
+    run_child(child_command(tmp_path, data, config), ONE_THREAD)
+    rows = read_metrics(config.out)
+    first, last = rows[0], rows[-1]
+    print(f"{data.source}: {len(rows)} evaluations in {time.perf_counter() - t0:.1f}s: "
+          + ", ".join(f"{r['iter']}: loss {r['train_loss']:.3f} err {r['train_err']:.3f}/{r['test_err']:.3f}"
+                      for r in rows))
+    assert [r["iter"] for r in rows] == [iters // 4, iters // 2, 3 * iters // 4, iters]
+    assert last["train_loss"] < first["train_loss"] - 0.15
+    assert last["train_err"] < first["train_err"] - 0.05
+    assert last["test_err"] < (0.75 if path is not None else 0.3)  # chance is 0.9
+    assert last["split"] == "test"
+    assert set(first) == {"iter", "lr", "train_loss", "train_err", "test_loss", "test_err", "split", "elapsed"}
+
+
+def test_evaluate_uses_eval_mode_and_restores_training(tiny_data):
+    model = build_model(8)
+    model.train()
+    mean = np.zeros((3, 8, 8), np.float32)
+    loss, err = evaluate(model, tiny_data.test_images, tiny_data.test_labels, mean, batch_size=20)
+    assert model.training
+    assert np.isfinite(loss) and 0 <= err <= 1
+    # in eval mode batch size does not matter: one batch gives the same numbers
+    loss1, err1 = evaluate(model, tiny_data.test_images, tiny_data.test_labels, mean, batch_size=1000)
+    assert err1 == err and loss1 == pytest.approx(loss, rel=1e-5)
+
+
+def test_run_directory_contents(tmp_path, tiny_data):
+    config = tiny_config(tmp_path / "run", val_split=True, val_size=32)
+    result = train(config, data=tiny_data)
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["depth"] == 8 and saved["milestones"] == [9] and saved["val_split"] is True
+    mean = np.load(run / "mean.npy")
+    assert mean.shape == (3, 8, 8) and mean.dtype == np.float32 and 0.2 < mean.mean() < 0.8
+    rows = read_metrics(run)
+    assert [r["iter"] for r in rows] == [4, 8, 12]
+    assert all(r["split"] == "val" for r in rows)
+    assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.1, 0.01])  # /10 from iteration 9 (0-based)
+    assert result["test_err"] == rows[-1]["test_err"] and result["params"] > 0
+    # resuming a finished run does nothing and returns its results
+    again = train(tiny_config(run, val_split=True, val_size=32, resume=True), data=tiny_data)
+    assert again["history"] == rows
+
+
+# ---- resume ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options", [{}, {"warmup": True, "warmup_iters": 10, "warmup_error": 0.5}, {"prefetch": 2}],
+                         ids=["multistep", "warmup", "prefetch"])
+def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, tiny_data, options):
+    """Ctrl-C at iteration 7 saves; resuming ends with bitwise the parameters of an unbroken run."""
+    whole = tiny_config(tmp_path / "whole", **options)
+    train(whole, data=tiny_data)
+
+    def press_ctrl_c(it: int, loss: float) -> None:
+        if it == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    broken = tiny_config(tmp_path / "broken", **options)
+    with pytest.raises(KeyboardInterrupt, match=r"iteration 7; checkpoint saved to .*broken/checkpoint.npz"):
+        train(broken, data=tiny_data, on_iteration=press_ctrl_c)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    model = build_model(8)
+    assert load_checkpoint(tmp_path / "broken" / "checkpoint.npz", model)["iteration"] == 7
+
+    result = train(tiny_config(tmp_path / "broken", resume=True, **options), data=tiny_data)
+    assert result["iterations"] == 12
+    assert_same_state(final_state(tmp_path / "broken", broken), final_state(tmp_path / "whole", whole))
+    # the logged metrics match too (the training averages span the interruption)
+    strip = [{k: v for k, v in r.items() if k != "elapsed"} for r in read_metrics(tmp_path / "broken")]
+    assert strip == [{k: v for k, v in r.items() if k != "elapsed"} for r in read_metrics(tmp_path / "whole")]
+
+
+def test_deep_nets_warm_up(tmp_path, tiny_data):
+    """ResNet-110 starts at lr 0.01 (the paper's warm-up); ResNet-8 at 0.1 unless asked."""
+    rows = train(tiny_config(tmp_path / "r110", depth=110, iters=1, eval_every=1), data=tiny_data)["history"]
+    assert rows[0]["lr"] == pytest.approx(0.01)
+    rows = train(tiny_config(tmp_path / "r8", iters=1, eval_every=1), data=tiny_data)["history"]
+    assert rows[0]["lr"] == pytest.approx(0.1)
+    rows = train(tiny_config(tmp_path / "r8w", iters=4, eval_every=1, warmup=True, warmup_iters=2,
+                             warmup_error=0.0), data=tiny_data)["history"]
+    assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.01, 0.1, 0.1])
+
+
+def test_resume_refuses_another_network(tmp_path, tiny_data):
+    train(tiny_config(tmp_path / "run", iters=2), data=tiny_data)
+    with pytest.raises(ValueError, match=r"different network.*depth: saved 8, requested 14"):
+        train(tiny_config(tmp_path / "run", depth=14, iters=4, resume=True), data=tiny_data)
+    with pytest.raises(ValueError, match=r"plain: saved False, requested True"):
+        train(tiny_config(tmp_path / "run", plain=True, iters=4, resume=True), data=tiny_data)
+    with pytest.raises(FileExistsError, match="resume"):
+        train(tiny_config(tmp_path / "run", iters=4), data=tiny_data)
+
+
+def test_sigkill_at_random_moments_never_corrupts_the_checkpoint(tmp_path, tiny_data):
+    iters, ckpt = 40, tmp_path / "killed" / "checkpoint.npz"
+    killed = child_command(tmp_path, tiny_data, tiny_config(tmp_path / "killed", iters=iters, checkpoint_every=1,
+                                                            eval_every=5, resume=True))
+    env = {**ONE_THREAD, "SLOW_FSYNC": "0.02"}
+    rng = np.random.default_rng(0)
+    kills = 0
+    for _ in range(4):
+        child = subprocess.Popen(killed, env=env, stderr=subprocess.PIPE)
+        # wait until this process has saved a checkpoint of its own, then kill it at a random moment
+        before = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
+        deadline = time.monotonic() + 60
+        while child.poll() is None and time.monotonic() < deadline:
+            if ckpt.exists() and ckpt.stat().st_mtime_ns != before:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.2))
+        if child.poll() is not None:
+            break
+        child.send_signal(signal.SIGKILL)
+        kills += 1
+        assert child.wait() == -signal.SIGKILL, child.stderr.read().decode()
+        child.stderr.close()
+        # whatever the kill interrupted, the checkpoint on disk is whole and loads
+        assert 1 <= load_checkpoint(ckpt, build_model(8))["iteration"] <= iters
+    assert kills >= 3
+    run_child(killed, env)  # finish the run
+    whole = tiny_config(tmp_path / "whole", iters=iters, checkpoint_every=1, eval_every=5)
+    run_child(child_command(tmp_path, tiny_data, whole), env)
+    assert_same_state(final_state(ckpt.parent, whole), final_state(tmp_path / "whole", whole))
+    assert [r["iter"] for r in read_metrics(ckpt.parent)] == [5, 10, 15, 20, 25, 30, 35, 40]
+
+
+# ---- failures ----------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning", "ignore:overflow:RuntimeWarning")
+def test_divergence_names_iteration_and_last_checkpoint(tmp_path, tiny_data):
+    config = tiny_config(tmp_path / "run", lr=1e8, iters=200, checkpoint_every=2, eval_every=1000)
+    with pytest.raises(DivergenceError, match=r"at iteration (\d+); the last good checkpoint is .*checkpoint.npz "
+                                              r"\(iteration (\d+)\)") as info:
+        train(config, data=tiny_data)
+    it = int(str(info.value).split("at iteration ")[1].split(";")[0])
+    model = build_model(8)
+    extra = load_checkpoint(tmp_path / "run" / "checkpoint.npz", model)
+    assert extra["iteration"] == (it - 1) // 2 * 2  # the last multiple of checkpoint_every before it
+    # the weights saved may be huge but are numbers; the checkpoint predates the NaN
+    assert all(np.isfinite(a).all() for a in model.state_dict().values())
+
+    config = tiny_config(tmp_path / "none", lr=1e8, iters=200, checkpoint_every=1000, eval_every=1000)
+    with pytest.raises(DivergenceError, match=r"at iteration \d+; no checkpoint was saved"):
+        train(config, data=tiny_data)
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the error raised without a GPU")
+def test_cuda_without_gpu_is_a_clear_error(tmp_path, tiny_data):
+    with pytest.raises(RuntimeError, match="CuPy"):
+        train(tiny_config(tmp_path / "run", device="cuda"), data=tiny_data)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_available(), reason="CuPy with a GPU is not available")
+def test_train_on_gpu(tmp_path, tiny_data):
+    result = train(tiny_config(tmp_path / "run", device="cuda"), data=tiny_data)
+    assert result["iterations"] == 12 and np.isfinite(result["train_loss"])
+
+
+# ---- progress ----------------------------------------------------------------------------
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_on_terminal_and_in_logs():
+    log = io.StringIO()
+    p = Progress(100, stream=log)
+    p.update(10, 0.1, 2.0, 0.8, 1234.0, 65.0)
+    p.log("evaluation 1")
+    p.close()
+    assert log.getvalue() == "evaluation 1\n"  # not a terminal: only the evaluations, one line each
+
+    tty = FakeTTY()
+    p = Progress(100, stream=tty)
+    p.update(10, 0.1, 2.0, 0.8, 1234.0, 65.0)
+    p.log("evaluation 1")
+    p.close()
+    text = tty.getvalue()
+    assert text.startswith("\r") and "iter 10/100" in text and "train err 80.00%" in text
+    assert "1,234 img/s" in text and "ETA 01:05" in text and "evaluation 1\n" in text
