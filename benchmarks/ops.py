@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tinyres  # noqa: E402
-from tinyres.nn import functional as F  # noqa: E402
+import tinyres
+from tinyres.nn import functional as F
 
 
 def _sync(device):

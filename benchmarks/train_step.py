@@ -66,9 +66,8 @@ def measure_tinyres(depth: int, batch: int, steps: int, warmup: int, device: str
 
 
 def _torch_resnet(depth: int):
-    import torch
-    import torch.nn as nn
     import torch.nn.functional as F
+    from torch import nn
 
     class Block(nn.Module):
         def __init__(self, cin, cout, stride):
@@ -154,7 +153,7 @@ def _run_child(framework: str, depth: int, args) -> dict | None:
     cmd = [sys.executable, __file__, "--child", "--framework", framework, "--depth", str(depth),
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])

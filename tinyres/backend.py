@@ -67,7 +67,7 @@ def cuda_available() -> bool:
     try:
         import cupy
         return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
+    except Exception:  # noqa: BLE001 - no CuPy, no driver or no device: all mean "no GPU"
         return False
 
 

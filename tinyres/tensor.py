@@ -12,7 +12,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 

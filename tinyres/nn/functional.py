@@ -13,13 +13,45 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import get_array_module
-from ..tensor import (Function, Tensor, as_tensor, cat, concatenate, flatten, getitem, mean,
-                      pad, permute, reshape, transpose)
+from ..tensor import (
+    Function,
+    Tensor,
+    as_tensor,
+    cat,
+    concatenate,
+    flatten,
+    getitem,
+    mean,
+    pad,
+    permute,
+    reshape,
+    transpose,
+)
 
-__all__ = ["relu", "conv2d", "batch_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
-           "global_avg_pool2d", "linear", "log_softmax", "softmax", "cross_entropy", "pad",
-           "cat", "concatenate", "flatten", "getitem", "mean", "permute", "reshape", "transpose",
-           "im2col", "col2im"]
+__all__ = [
+    "adaptive_avg_pool2d",
+    "avg_pool2d",
+    "batch_norm",
+    "cat",
+    "col2im",
+    "concatenate",
+    "conv2d",
+    "cross_entropy",
+    "flatten",
+    "getitem",
+    "global_avg_pool2d",
+    "im2col",
+    "linear",
+    "log_softmax",
+    "max_pool2d",
+    "mean",
+    "pad",
+    "permute",
+    "relu",
+    "reshape",
+    "softmax",
+    "transpose",
+]
 
 
 def _pair(v, name: str, op: str) -> tuple[int, int]:
@@ -379,7 +411,7 @@ class AvgPool2d(_Pool2d):
         return col.mean(axis=3).transpose(0, 3, 1, 2)
 
     def backward(self, gy):
-        n, c, h, w, oh, ow = self.geom
+        n, c, _, _, oh, ow = self.geom
         kk = self.k[0] * self.k[1]
         g = (gy.transpose(0, 2, 3, 1) / gy.dtype.type(kk))[:, :, :, None, :]
         dcol = self.xp.broadcast_to(g, (n, oh, ow, kk, c))
