@@ -118,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
                              checkpoint_every=eval_every, progress=not args.quiet)
         print(f"== {name}: {iters:,} iterations, lr /10 at {', '.join(map(str, milestones))} -> {run_dir}",
               file=sys.stderr)
-        result = train(config, data=data)
+        try:
+            result = train(config, data=data)
+        except KeyboardInterrupt as e:  # the run saved a checkpoint: running this again resumes it
+            print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
+            return 130
         rows.append({**result, "depth": depth, "plain": plain, "shortcut": shortcut})
         run_dirs.append(run_dir)
 
