@@ -141,6 +141,17 @@ def _padded(xp, xh, ph: int, pw: int, buf=None):
     return buf
 
 
+def _columns(xp, x, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, oh: int, ow: int):
+    """Yield (first sample, im2col rows) of NCHW `x` in cache-sized chunks of the batch."""
+    n, c = x.shape[:2]
+    xh = x.transpose(0, 2, 3, 1)
+    step = _chunk(xp, oh * ow, kh * kw * c * x.itemsize, n)
+    buf = None
+    for n0 in range(0, n, step):
+        buf = _padded(xp, xh[n0:n0 + step], ph, pw, buf)
+        yield n0, im2col(buf, kh, kw, sh, sw, oh, ow, xp).reshape(-1, kh * kw * c)
+
+
 # ---- conv2d ------------------------------------------------------------------------------
 
 class Conv2d(Function):
@@ -169,13 +180,8 @@ class Conv2d(Function):
         wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, oc)  # rows ordered (i, j, c) like the columns
         y = xp.empty((n, oh, ow, oc), dtype=x.dtype)
         yrows = y.reshape(n * oh * ow, oc)
-        xh = x.transpose(0, 2, 3, 1)
-        step = _chunk(xp, oh * ow, kh * kw * c * x.itemsize, n)
-        buf = None
-        for n0 in range(0, n, step):
-            buf = _padded(xp, xh[n0:n0 + step], ph, pw, buf)
-            col = im2col(buf, kh, kw, sh, sw, oh, ow, xp).reshape(-1, kh * kw * c)
-            xp.matmul(col, wmat, out=yrows[n0 * oh * ow:(n0 + len(buf)) * oh * ow])
+        for n0, col in _columns(xp, x, *self.geom):
+            xp.matmul(col, wmat, out=yrows[n0 * oh * ow:n0 * oh * ow + len(col)])
         if b is not None:
             y += b
         return y.transpose(0, 3, 1, 2)
@@ -200,12 +206,8 @@ class Conv2d(Function):
             gx = xp.empty((n, h, wd, c), dtype=x.dtype)
             gxrows = gx.reshape(n * h * wd, c)
             gwflip = xp.zeros((c, kh * kw * oc), dtype=w.dtype) if need_w else None
-            step = _chunk(xp, h * wd, kh * kw * oc * x.itemsize, n)
-            buf = None
-            for n0 in range(0, n, step):
-                buf = _padded(xp, gyh[n0:n0 + step], kh - 1 - ph, kw - 1 - pw, buf)
-                col = im2col(buf, kh, kw, 1, 1, h, wd, xp).reshape(-1, kh * kw * oc)
-                rows = slice(n0 * h * wd, (n0 + len(buf)) * h * wd)
+            for n0, col in _columns(xp, gy, kh, kw, 1, 1, kh - 1 - ph, kw - 1 - pw, h, wd):
+                rows = slice(n0 * h * wd, n0 * h * wd + len(col))
                 xp.matmul(col, wflip, out=gxrows[rows])
                 if need_w:
                     gwflip += xrows[rows].T @ col
@@ -215,13 +217,8 @@ class Conv2d(Function):
             # dL/dW = columns^T @ dL/dy; the columns are rebuilt in cache-sized chunks
             # rather than kept from forward, where they would take 9x the input's memory
             gwmat = xp.zeros((kh * kw * c, oc), dtype=w.dtype)
-            xh = x.transpose(0, 2, 3, 1)
-            step = _chunk(xp, oh * ow, kh * kw * c * x.itemsize, n)
-            buf = None
-            for n0 in range(0, n, step):
-                buf = _padded(xp, xh[n0:n0 + step], ph, pw, buf)
-                col = im2col(buf, kh, kw, sh, sw, oh, ow, xp).reshape(-1, kh * kw * c)
-                gwmat += col.T @ gyrows[n0 * oh * ow:(n0 + len(buf)) * oh * ow]
+            for n0, col in _columns(xp, x, *self.geom):
+                gwmat += col.T @ gyrows[n0 * oh * ow:n0 * oh * ow + len(col)]
         if need_x and not full:
             # strided: scatter the column gradients back with col2im
             wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, oc)
