@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -809,11 +808,6 @@ class Cast(Function):
 
     def backward(self, gy):
         return gy.astype(self.src)
-
-
-@functools.wraps(Tensor.to)
-def to(x: Tensor, device: str | None = None, dtype=None) -> Tensor:
-    return x.to(device, dtype)
 
 
 def zeros(*shape, dtype=np.float32, device: str = "cpu", requires_grad: bool = False) -> Tensor:

@@ -195,7 +195,7 @@ class Conv2d(Function):
         need_b = len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
         gyh = xp.ascontiguousarray(gy.transpose(0, 2, 3, 1))  # (n, oh, ow, oc)
         gyrows = gyh.reshape(n * oh * ow, oc)
-        gx = gwmat = None
+        gx = gw = None
         full = (sh, sw) == (1, 1) and ph <= kh - 1 and pw <= kw - 1
         if need_x and full:
             # stride 1: dL/dx is the "full" convolution of dL/dy with the flipped kernel, an
@@ -212,13 +212,14 @@ class Conv2d(Function):
                 if need_w:
                     gwflip += xrows[rows].T @ col
             if need_w:  # gwflip[c, (i', j', oc)] holds dL/dW[oc, c, kh-1-i', kw-1-j']
-                gwmat = gwflip.reshape(c, kh, kw, oc)[:, ::-1, ::-1].transpose(1, 2, 0, 3).reshape(kh * kw * c, oc)
+                gw = gwflip.reshape(c, kh, kw, oc)[:, ::-1, ::-1].transpose(3, 0, 1, 2).copy()
         elif need_w:
             # dL/dW = columns^T @ dL/dy; the columns are rebuilt in cache-sized chunks
             # rather than kept from forward, where they would take 9x the input's memory
             gwmat = xp.zeros((kh * kw * c, oc), dtype=w.dtype)
             for n0, col in _columns(xp, x, *self.geom):
                 gwmat += col.T @ gyrows[n0 * oh * ow:n0 * oh * ow + len(col)]
+            gw = gwmat.reshape(kh, kw, c, oc).transpose(3, 2, 0, 1).copy()
         if need_x and not full:
             # strided: scatter the column gradients back with col2im
             wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, oc)
@@ -234,9 +235,8 @@ class Conv2d(Function):
                 col2im(dcol, gb_, sh, sw)
                 gx[n0:n0 + m] = gb_[:, ph:ph + h, pw:pw + wd]
         gxo = gx.transpose(0, 3, 1, 2) if need_x else None
-        gwo = gwmat.reshape(kh, kw, c, oc).transpose(3, 2, 0, 1).copy() if need_w else None
         gbo = gyrows.sum(axis=0) if need_b else None
-        return gxo, gwo, gbo
+        return gxo, gw, gbo
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0) -> Tensor:
