@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import real_cifar10
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -38,10 +39,7 @@ from tinyres.data import (
 
 Image = pytest.importorskip("PIL.Image")
 
-REAL_ARCHIVE = Path(
-    os.environ.get("TINYRES_CIFAR10")
-    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-)
+REAL_ARCHIVE = real_cifar10()
 
 
 @pytest.fixture(autouse=True)
@@ -809,7 +807,8 @@ def test_loader_float_input_and_validation(small_set):
 
 
 @pytest.mark.real_data
-@pytest.mark.skipif(not REAL_ARCHIVE.exists(), reason=f"real CIFAR-10 archive not found at {REAL_ARCHIVE}")
+@pytest.mark.skipif(REAL_ARCHIVE is None,
+                    reason="real CIFAR-10 archive not found ($TINYRES_CIFAR10 or ../shared/data/cifar10-jpeg.tar.gz)")
 def test_real_archive(tmp_path):
     loaded = load_cifar10(REAL_ARCHIVE, cache_dir=tmp_path)
     assert loaded.train_images.shape == (50000, 32, 32, 3) and loaded.test_images.shape == (10000, 32, 32, 3)
