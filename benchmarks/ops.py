@@ -1,5 +1,6 @@
 """Forward and backward time of each op at the ResNet-20 layer shapes (batch 128, float32),
-with the achieved GFLOP/s of the convolutions, to show where a training step's time goes.
+with the achieved GFLOP/s of the convolutions, to show where a training step's time goes; on
+the CPU, also the convolutions' GEMMs alone, the floor of an im2col convolution on this BLAS.
 
     python benchmarks/ops.py [--device cpu|cuda] [--batch-size 128]
 """
@@ -21,6 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tinyres
 from tinyres.nn import functional as F
+
+# the convolutions of ResNet-20: (in channels, out channels, input size, stride, how many)
+LAYERS = ((3, 16, 32, 1, 1), (16, 16, 32, 1, 6), (16, 32, 32, 2, 1),
+          (32, 32, 16, 1, 5), (32, 64, 16, 2, 1), (64, 64, 8, 1, 5))
 
 
 def _sync(device):
@@ -89,9 +94,7 @@ def main():
     print("| op (ResNet-20 shape) | forward ms | backward ms | GFLOP/s fwd / bwd | per step | ms per step |")
     print("|---|---|---|---|---|---|")
     total = 0.0
-    # (channels, size, stride of the first conv, how many of that conv in ResNet-20)
-    for c_in, c, hw, stride, count in ((3, 16, 32, 1, 1), (16, 16, 32, 1, 6), (16, 32, 32, 2, 1),
-                                       (32, 32, 16, 1, 5), (32, 64, 16, 2, 1), (64, 64, 8, 1, 5)):
+    for c_in, c, hw, stride, count in LAYERS:
         oh = hw // stride
         flops = 2 * n * oh * oh * c * c_in * 9
         total += bench(f"conv2d {c_in}->{c} 3x3/{stride} on {hw}x{hw}",
@@ -115,6 +118,47 @@ def main():
     labels = tinyres.tensor(rng.integers(0, 10, n), device=dev)
     total += bench("cross_entropy", lambda: (t(n, 10),), lambda x: F.cross_entropy(x, labels), 0, dev, 1)
     print(f"| **sum over one ResNet-20 step** | | | | | {total * 1e3:.0f} |")
+    if dev == "cpu":
+        gemm_floor(n)
+
+
+def _layer_gemms(n, c_in, c, hw, stride):
+    """Seconds of the forward and of the backward GEMMs of one conv2d layer, chunk by chunk."""
+    from tinyres.nn.functional import _chunk
+
+    rng = np.random.default_rng(0)
+    oh, k = hw // stride, 9 * c_in
+    step = _chunk(np, oh * oh, k * 4, n)
+    cols, wmat = rng.standard_normal((step * oh * oh, k), dtype=np.float32), rng.standard_normal((k, c), dtype=np.float32)
+    y = np.empty((step * oh * oh, c), np.float32)
+    tf = timeit(lambda: np.matmul(cols, wmat, out=y), "cpu") * -(-n // step)
+    if c_in == 3:  # the first layer: dW only, its input is the image
+        return tf, timeit(lambda: cols.T @ y, "cpu") * -(-n // step)
+    if stride > 1:  # dW from x's columns, dx through col2im
+        return tf, timeit(lambda: (cols.T @ y, y @ wmat.T), "cpu") * -(-n // step)
+    # stride 1: dx from the columns of dy and the flipped kernel, dW from the same columns
+    gcols = rng.standard_normal((step * hw * hw, 9 * c), dtype=np.float32)
+    wflip = rng.standard_normal((9 * c, c_in), dtype=np.float32)
+    xrows = rng.standard_normal((step * hw * hw, c_in), dtype=np.float32)
+    return tf, timeit(lambda: (gcols @ wflip, xrows.T @ gcols), "cpu") * -(-n // step)
+
+
+def gemm_floor(n):
+    """The GEMMs alone of every conv in a ResNet-20 step, in the chunks conv2d uses: the time
+    an im2col convolution cannot go below on this BLAS, whatever the rest costs."""
+    print()
+    print("| conv GEMMs alone (ResNet-20 shape) | forward ms | backward ms | GFLOP/s fwd / bwd | per step "
+          "| ms per step |")
+    print("|---|---|---|---|---|---|")
+    total = 0.0
+    for c_in, c, hw, stride, count in LAYERS:
+        tf, tb = _layer_gemms(n, c_in, c, hw, stride)
+        flops = 2 * n * (hw // stride) ** 2 * c * c_in * 9
+        bwd_flops = flops * (2 if c_in != 3 else 1)
+        print(f"| conv2d {c_in}->{c} 3x3/{stride} on {hw}x{hw} | {tf * 1e3:.2f} | {tb * 1e3:.2f} | "
+              f"{flops / tf / 1e9:.0f} / {bwd_flops / tb / 1e9:.0f} | {count} | {(tf + tb) * count * 1e3:.0f} |")
+        total += (tf + tb) * count
+    print(f"| **GEMMs of one ResNet-20 step** | | | | | {total * 1e3:.0f} |")
 
 
 if __name__ == "__main__":
