@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end (on tiny sizes) and print what their READMEs promise."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def table_rows(out: str, first_cell: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def test_train_step_times_a_step_in_float32(tmp_path):
+    path = tmp_path / "result.json"
+    out = run("train_step.py", "--depth", "8", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+              "--rounds", "1", "--no-torch", "--json", str(path))
+    (row,) = json.loads(path.read_text())
+    assert row["framework"] == "tinyres" and row["depth"] == 8
+    assert row["dtypes"] == ["float32"]  # every parameter gradient and the loss
+    assert 0 < row["fwd_s"] < row["step_s"] and row["peak_mb"] > 0
+    assert row["img_per_s"] == pytest.approx(8 / row["step_s"])
+    (cells,) = table_rows(out, "ResNet-8")
+    assert cells[1] == "tinyres" and float(cells[4]) == pytest.approx(row["step_s"], abs=1e-3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
+def test_train_step_compares_with_pytorch_in_the_same_run():
+    out = run("train_step.py", "--depth", "8", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+              "--rounds", "1")
+    rows = table_rows(out, "ResNet-8")
+    assert [r[1].split()[0] for r in rows] == ["tinyres", "torch"]
+    ratio = float(rows[0][8].rstrip("x"))
+    assert ratio == pytest.approx(float(rows[0][4]) / float(rows[1][4]), rel=0.02)
+
+
+def test_ops_prints_every_op_and_the_gemm_floor():
+    out = run("ops.py", "--batch-size", "2")
+    ops = [r[0] for r in table_rows(out, "")]
+    for name in ("conv2d 16->16 3x3/1 on 32x32", "batch_norm 16x32x32", "relu 64x8x8", "cross_entropy",
+                 "**sum over one ResNet-20 step**", "**GEMMs of one ResNet-20 step**"):
+        assert name in ops
+    conv_rows = [r for r in table_rows(out, "conv2d") if r[3]]
+    assert len(conv_rows) == 12  # each of the 6 conv shapes: the whole op, then its GEMMs alone
+    for r in conv_rows:
+        fwd, bwd = (float(v) for v in r[3].split(" / "))
+        assert fwd > 0 and bwd > 0
