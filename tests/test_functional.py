@@ -236,6 +236,39 @@ def test_batch_norm_running_stats_stay_outside_the_gradient(device, data, shape,
     assert np.array_equal(tinyres.Tensor(rv).numpy(), before[1])
 
 
+@pytest.mark.parametrize("shape", [(8, 16, 8, 8), (6, 16, 5, 5), (7, 3, 5, 5), (64, 32)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_float32_matches_float64_closed_form(device, shape, channels_last):
+    # network-sized float32 inputs, in both memory layouts: batch norm lays several rows of
+    # (N*H*W, C) side by side for its per-channel passes when their number allows
+    rng = np.random.default_rng(0)
+    c = shape[1]
+    x64, g64 = 1.5 + 2 * rng.standard_normal(shape), rng.standard_normal(shape)
+    gamma64, beta64 = rng.uniform(0.5, 2, c), rng.standard_normal(c)
+
+    def as32(a):
+        a = a.astype(np.float32)
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2) if channels_last and a.ndim == 4 else a
+
+    t, gamma, beta = leaf(as32(x64), device), leaf(gamma64.astype(np.float32), device), leaf(beta64.astype(np.float32), device)
+    y = F.batch_norm(t, None, None, gamma, beta, training=True)
+    y.backward(tinyres.tensor(as32(g64), device=device))
+    assert y.dtype == t.grad.dtype == gamma.grad.dtype == np.float32
+    axes = (0,) if len(shape) == 2 else (0, 2, 3)
+    bshape = (1, c) + (1,) * (len(shape) - 2)
+    mean, var = batch_stats_ref(x64)
+    xhat = (x64 - mean.reshape(bshape)) / np.sqrt(var.reshape(bshape) + 1e-5)
+    np.testing.assert_allclose(y.numpy(), batch_norm_ref(x64, mean, var, gamma64, beta64), rtol=1e-4, atol=1e-4)
+    gbeta, ggamma = g64.sum(axes), (g64 * xhat).sum(axes)
+    m = x64.size // c
+    gx = (gamma64 / np.sqrt(var + 1e-5)).reshape(bshape) * (
+        g64 - gbeta.reshape(bshape) / m - xhat * ggamma.reshape(bshape) / m)
+    np.testing.assert_allclose(beta.grad.numpy(), gbeta, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(gamma.grad.numpy(), ggamma, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(t.grad.numpy(), gx, rtol=1e-3, atol=1e-4)
+
+
+
 @pytest.mark.parametrize("shape", [(5, 3), (2, 3, 4, 3)])
 @pytest.mark.parametrize("buffers", ["arrays", "tensors"])
 def test_batch_norm_running_stats_update_like_pytorch(device, xp, shape, buffers):

@@ -254,6 +254,29 @@ def _colsum(xp, r):
     return xp.ones(r.shape[0], dtype=r.dtype) @ r
 
 
+def _widen(r, width: int = 512) -> int:
+    """How many rows of the contiguous (rows, C) matrix `r` to lay side by side, as one row of
+    about `width` values, for the per-channel passes of batch norm. NumPy broadcasts a (C,)
+    vector over (rows, C) in inner loops of only C elements; on wide rows the same passes run
+    about twice as fast for C = 16 (benchmarks/ops.py). Returns 1 where no widening applies."""
+    rows, c = r.shape
+    k = 1
+    if r.flags.c_contiguous:
+        while k * 2 * c <= width and rows % (k * 2) == 0:
+            k *= 2
+    return k
+
+
+def _tile(xp, v, k: int):
+    """A per-channel vector (C,) repeated for `k` side-by-side rows."""
+    return xp.tile(v, k) if k > 1 else v
+
+
+def _fold(v, k: int):
+    """Sum the `k` per-channel parts of a wide-row reduction (k * C,) into (C,)."""
+    return v.reshape(k, -1).sum(axis=0) if k > 1 else v
+
+
 class BatchNorm(Function):
     def __init__(self, eps, stats=None):
         self.eps, self.stats = eps, stats  # stats: (mean, var) to use in eval mode
@@ -266,47 +289,49 @@ class BatchNorm(Function):
                              f"of shape (C,), got {tuple(x.shape)}, {tuple(gamma.shape)}, {tuple(beta.shape)}")
         self.shape = x.shape
         r = _rows(x)
+        self.k = k = _widen(r)
+        rw = r.reshape(-1, k * c) if k > 1 else r  # per-channel passes run on wide rows
         if self.stats is None:
             if r.shape[0] < 2:
                 raise ValueError(f"batch_norm: training needs more than one value per channel, "
                                  f"got input {tuple(x.shape)}")
             m = x.dtype.type(r.shape[0])
-            mu = _colsum(xp, r) / m
-            xc = r - mu
-            var = xp.einsum("ij,ij->j", xc, xc) / m
+            mu = _fold(_colsum(xp, rw), k) / m
+            xc = rw - _tile(xp, mu, k)
+            var = _fold(xp.einsum("ij,ij->j", xc, xc), k) / m
             self.batch_stats = (mu, var)
         else:
             mu, var = self.stats
-            xc = r - mu.astype(x.dtype, copy=False)
+            xc = rw - _tile(xp, mu.astype(x.dtype, copy=False), k)
             var = var.astype(x.dtype, copy=False)
         self.invstd = 1 / xp.sqrt(var + x.dtype.type(self.eps))
         # keep x - mean rather than x-hat = (x - mean) * invstd: backward folds invstd into
         # per-channel factors, which saves a full pass over the activations here
         self.xc, self.gamma = xc, gamma
-        y = xc * (gamma * self.invstd)
-        y += beta
-        return _from_rows(y, x.shape)
+        y = xc * _tile(xp, gamma * self.invstd, k)
+        y += _tile(xp, beta, k)
+        return _from_rows(y.reshape(r.shape), x.shape)
 
     def backward(self, gy):
-        xp = self.xp
+        xp, k = self.xp, self.k
         g = _rows(gy)
         if not g.flags.c_contiguous:
             g = xp.ascontiguousarray(g)
+        rows = g.shape
+        g = g.reshape(self.xc.shape)
         xc, invstd = self.xc, self.invstd
-        gbeta = _colsum(xp, g)
-        ggamma = xp.einsum("ij,ij->j", g, xc) * invstd  # sum of g * x-hat
+        gbeta = _fold(_colsum(xp, g), k)
+        ggamma = _fold(xp.einsum("ij,ij->j", g, xc), k) * invstd  # sum of g * x-hat
         gx = None
         if self.needs_input_grad[0]:
             scale = self.gamma * invstd
+            gx = g * _tile(xp, scale, k)
             if self.stats is None:  # batch statistics depend on x too:
                 # gx = scale * (g - mean(g) - x-hat * mean(g * x-hat))
-                m = g.dtype.type(g.shape[0])
-                gx = g * scale
-                gx += xc * (-scale * invstd * ggamma / m)
-                gx -= scale * gbeta / m
-            else:
-                gx = g * scale
-            gx = _from_rows(gx, self.shape)
+                m = g.dtype.type(rows[0])
+                gx += xc * _tile(xp, -scale * invstd * ggamma / m, k)
+                gx -= _tile(xp, scale * gbeta / m, k)
+            gx = _from_rows(gx.reshape(rows), self.shape)
         return gx, ggamma, gbeta
 
 
