@@ -34,31 +34,34 @@ def _sync(device):
         cupy.cuda.Device().synchronize()
 
 
-def timeit(fn, device, repeat=7):
-    """Median seconds of fn() after one warm-up call."""
-    fn()
-    ts = []
-    for _ in range(repeat):
+def timeit(fn, device, repeat=7, setup=None):
+    """Median seconds of fn() after one warm-up call; with `setup`, of fn(setup()), setup untimed."""
+    def call():
+        arg = setup() if setup else None
         _sync(device)
         t = time.perf_counter()
-        fn()
+        fn(arg) if setup else fn()
         _sync(device)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        return time.perf_counter() - t
+
+    call()
+    return statistics.median(call() for _ in range(repeat))
 
 
 def bench(name, make_inputs, op, flops, device, per_step):
-    """Time op's forward, then forward + backward, on fresh leaf tensors."""
+    """Time op's forward, then its backward alone (each on a freshly built graph), on leaf tensors."""
     inputs = make_inputs()
 
     def fwd():
         with tinyres.no_grad():
             op(*inputs)
 
-    def fwd_bwd():
+    def graph():
         for t in inputs:
             t.grad = None
-        y = op(*inputs)
+        return op(*inputs)
+
+    def bwd(y):
         y.backward(gy if y.shape == gy_shape[0] else None)
 
     y0 = op(*inputs)
@@ -69,7 +72,7 @@ def bench(name, make_inputs, op, flops, device, per_step):
     if gy is not None:  # channels-last like the gradients that reach these ops in a network
         gy = tinyres.Tensor(gy.data.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)) if gy.ndim == 4 else gy
     tf = timeit(fwd, device)
-    tb = timeit(fwd_bwd, device) - tf
+    tb = timeit(bwd, device, setup=graph)
     gf = f"{flops / tf / 1e9:.0f} / {2 * flops / tb / 1e9:.0f}" if flops else ""
     print(f"| {name} | {tf * 1e3:.2f} | {tb * 1e3:.2f} | {gf} | {per_step} | {(tf + tb) * per_step * 1e3:.0f} |")
     return (tf + tb) * per_step
