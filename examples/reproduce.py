@@ -6,7 +6,9 @@
 Each net trains into its own directory under --out; finished runs are skipped and unfinished
 ones resumed, so the command can be interrupted and started again. Writes results.md (a table
 with the paper's Table 6 test errors beside ours) and fig6.png; for Figure 7, run
-`examples/layer_responses.py` on the run directories.
+`examples/layer_responses.py` on the run directories. Nets can also train in separate
+processes (one `--nets` each, same --out); `--report` then tabulates and plots the finished
+runs without training.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for plot_curves
 from plot_curves import plot_curves
 
 from tinyres.data import load_cifar10
-from tinyres.train import TrainConfig, model_name, paper_schedule, train
+from tinyres.train import TrainConfig, build_model, count_parameters, model_name, paper_schedule, read_metrics, train
 
 # Table 6 of the paper: CIFAR-10 test error (%) of the ResNets with option-A shortcuts
 PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
@@ -80,6 +82,19 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finished_run(run_dir: Path, depth: int, plain: bool, shortcut: str, iters: int) -> dict[str, Any]:
+    """The final metrics of the finished run in `run_dir`, as `train` returns them, without training."""
+    name = model_name(depth, plain, shortcut)
+    history = read_metrics(run_dir)
+    if not history or history[-1]["iter"] != iters:
+        done = f"its log ends at iteration {history[-1]['iter']:,}" if history else "it has no metrics.jsonl"
+        raise SystemExit(f"--report: {run_dir} is not a finished {iters:,}-iteration run of {name} ({done}); "
+                         "train it first (the same command without --report)")
+    n_params = count_parameters(build_model(depth, plain, shortcut))
+    return {**history[-1], "name": name, "iterations": iters, "params": n_params, "out": str(run_dir),
+            "history": history}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: train each net (skipping finished runs), then write results.md and fig6.png."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -98,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="iterations between evaluations and checkpoints (default: 1/10 of the run, at most 1000)")
     p.add_argument("--out", default="runs/reproduce", help="one subdirectory per net, results.md and fig6.png")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: tabulate and plot the finished runs under --out")
     args = p.parse_args(argv)
 
     iters, milestones = paper_schedule(args.schedule)
@@ -106,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         iters = args.iters
     eval_every = args.eval_every or max(1, min(1000, iters // 10))
     out = Path(args.out)
-    data = load_cifar10(args.data)
+    data = None if args.report else load_cifar10(args.data)
 
     rows, run_dirs = [], []
     for depth, plain, shortcut in args.nets:
@@ -116,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                              batch_size=args.batch_size, val_split=args.val_split, device=args.device,
                              seed=args.seed, out=str(run_dir), resume=True, eval_every=eval_every,
                              checkpoint_every=eval_every, progress=not args.quiet)
+        if args.report:
+            rows.append({**finished_run(run_dir, depth, plain, shortcut, iters),
+                         "depth": depth, "plain": plain, "shortcut": shortcut})
+            run_dirs.append(run_dir)
+            continue
         print(f"== {name}: {iters:,} iterations, lr /10 at {', '.join(map(str, milestones))} -> {run_dir}",
               file=sys.stderr)
         try:
@@ -128,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     split = rows[0].get("split", "test") if rows else "test"
     evaluated = (f"{TrainConfig().val_size:,} validation images held out from training" if split == "val"
-                 else f"{len(data.test_images):,} test images")
+                 else f"{len(data.test_images) if data else 10_000:,} test images")
     command = " ".join(["python examples/reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     device = f"GPU: {gpu_name()}" if args.device == "cuda" else "CPU only"
     text = (f"# CIFAR-10: plain nets and ResNets ({args.schedule} schedule, {iters:,} iterations)\n\n"
@@ -137,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             f"Test error: on the {evaluated}. The paper trains 64k iterations on the original lossless "
             "CIFAR-10; a shorter schedule or a lossy (JPEG) copy of the data gives higher errors, so compare "
             "trends, not digits.\n\n"
-            f"Command: `{command}`  \nMachine: {machine()}; {device}.  \nData: {data.source}\n\n"
-            "![Figure 6](fig6.png)\n")
+            + (f"Tabulated from the finished runs' logs (`{command}`) on {machine()}. Each run's config.json "
+               "holds its command-line settings and data path.\n\n" if args.report else
+               f"Command: `{command}`  \nMachine: {machine()}; {device}.  \nData: {data.source}\n\n")
+            + "![Figure 6](fig6.png)\n")
     (out / "results.md").write_text(text)
     fig = plot_curves(run_dirs, out / "fig6.png")
     print(text)

@@ -185,6 +185,20 @@ def test_reproduce_trains_tabulates_and_plots(tmp_path, image_folder, capsys):
     assert reproduce.main(args) == 0
     assert (out / "resnet-20" / "checkpoint.npz").stat().st_mtime_ns == stamp
     assert (out / "results.md").read_text().split("Command")[0] == table.split("Command")[0]
+    # --report tabulates the finished runs from their logs alone: no data, no checkpoint needed
+    for net in ("plain-8", "resnet-20"):
+        (out / net / "checkpoint.npz").unlink()
+    (out / "fig6.png").unlink()
+    report = ["--nets", "plain-8", "resnet-20", "--iters", "2", "--out", str(out), "--report"]
+    assert reproduce.main(report) == 0
+    assert (out / "results.md").read_text().split("Training error")[0] == table.split("Training error")[0]
+    assert "Tabulated from the finished runs' logs" in (out / "results.md").read_text()
+    assert (out / "fig6.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (out / "resnet-20" / "checkpoint.npz").exists()
+    with pytest.raises(SystemExit, match="not a finished 4-iteration run of ResNet-20.*ends at iteration 2"):
+        reproduce.main(["--nets", "resnet-20", "--iters", "4", "--out", str(out), "--report"])
+    with pytest.raises(SystemExit, match="not a finished 2-iteration run of ResNet-56.*no metrics.jsonl"):
+        reproduce.main(["--nets", "resnet-56", "--iters", "2", "--out", str(out), "--report"])
 
 
 def test_reproduce_net_names():
