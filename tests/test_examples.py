@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,6 +200,17 @@ def test_reproduce_trains_tabulates_and_plots(tmp_path, image_folder, capsys):
         reproduce.main(["--nets", "resnet-20", "--iters", "4", "--out", str(out), "--report"])
     with pytest.raises(SystemExit, match="not a finished 2-iteration run of ResNet-56.*no metrics.jsonl"):
         reproduce.main(["--nets", "resnet-56", "--iters", "2", "--out", str(out), "--report"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
+def test_torch_reference_trains_on_the_same_batches(image_folder, capsys):
+    args = ["--depth", "8", "--iters", "3", "--window", "2", "--batch-size", "8", "--data", str(image_folder)]
+    assert example("torch_reference").main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter")]
+    assert [line.split("(")[1].split(")")[0] for line in lines] == ["iterations 1-2", "iterations 3-3"]
+    for line in lines:  # "iter 2  train error 87.50 % (iterations 1-2)  test error 90.00 %  1 s"
+        train_err, test_err = (float(v) for v in re.findall(r"error +([\d.]+) %", line))
+        assert 0 <= train_err <= 100 and 0 <= test_err <= 100 and (test_err * 20 / 100).is_integer()  # 20 test images
 
 
 def test_reproduce_net_names():
