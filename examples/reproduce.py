@@ -129,15 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     for depth, plain, shortcut in args.nets:
         name = model_name(depth, plain, shortcut)
         run_dir = out / name.lower().replace(" ", "").replace("(", "-").replace(")", "")
-        config = TrainConfig(depth=depth, plain=plain, shortcut=shortcut, iters=iters, milestones=milestones,
-                             batch_size=args.batch_size, val_split=args.val_split, device=args.device,
-                             seed=args.seed, out=str(run_dir), resume=True, eval_every=eval_every,
-                             checkpoint_every=eval_every, progress=not args.quiet)
         if args.report:
             rows.append({**finished_run(run_dir, depth, plain, shortcut, iters),
                          "depth": depth, "plain": plain, "shortcut": shortcut})
             run_dirs.append(run_dir)
             continue
+        config = TrainConfig(depth=depth, plain=plain, shortcut=shortcut, iters=iters, milestones=milestones,
+                             batch_size=args.batch_size, val_split=args.val_split, device=args.device,
+                             seed=args.seed, out=str(run_dir), resume=True, eval_every=eval_every,
+                             checkpoint_every=eval_every, progress=not args.quiet)
         print(f"== {name}: {iters:,} iterations, lr /10 at {', '.join(map(str, milestones))} -> {run_dir}",
               file=sys.stderr)
         try:
@@ -152,17 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     evaluated = (f"{TrainConfig().val_size:,} validation images held out from training" if split == "val"
                  else f"{len(data.test_images) if data else 10_000:,} test images")
     command = " ".join(["python examples/reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-    device = f"GPU: {gpu_name()}" if args.device == "cuda" else "CPU only"
+    if args.report:
+        provenance = (f"Tabulated from the finished runs' logs (`{command}`) on {machine()}. Each run's "
+                      "config.json holds its command-line settings and data path.")
+    else:
+        device = f"GPU: {gpu_name()}" if args.device == "cuda" else "CPU only"
+        provenance = f"Command: `{command}`  \nMachine: {machine()}; {device}.  \nData: {data.source}"
     text = (f"# CIFAR-10: plain nets and ResNets ({args.schedule} schedule, {iters:,} iterations)\n\n"
             + results_table(rows)
             + "\nTraining error: mean over the last evaluation interval (augmented batches). "
             f"Test error: on the {evaluated}. The paper trains 64k iterations on the original lossless "
             "CIFAR-10; a shorter schedule or a lossy (JPEG) copy of the data gives higher errors, so compare "
-            "trends, not digits.\n\n"
-            + (f"Tabulated from the finished runs' logs (`{command}`) on {machine()}. Each run's config.json "
-               "holds its command-line settings and data path.\n\n" if args.report else
-               f"Command: `{command}`  \nMachine: {machine()}; {device}.  \nData: {data.source}\n\n")
-            + "![Figure 6](fig6.png)\n")
+            f"trends, not digits.\n\n{provenance}\n\n![Figure 6](fig6.png)\n")
     (out / "results.md").write_text(text)
     fig = plot_curves(run_dirs, out / "fig6.png")
     print(text)

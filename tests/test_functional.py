@@ -268,7 +268,6 @@ def test_batch_norm_float32_matches_float64_closed_form(device, shape, channels_
     np.testing.assert_allclose(t.grad.numpy(), gx, rtol=1e-3, atol=1e-4)
 
 
-
 @pytest.mark.parametrize("shape", [(5, 3), (2, 3, 4, 3)])
 @pytest.mark.parametrize("buffers", ["arrays", "tensors"])
 def test_batch_norm_running_stats_update_like_pytorch(device, xp, shape, buffers):
