@@ -68,7 +68,7 @@ def bench(name, make_inputs, op, flops, device, per_step):
     gy_shape = [y0.shape]
     xp = tinyres.get_array_module(y0.data)
     gy = tinyres.Tensor(xp.asarray(np.random.default_rng(1).standard_normal(y0.shape, dtype=np.float32))) \
-        if y0.size > 1 else None
+        if y0.numel() > 1 else None
     if gy is not None:  # channels-last like the gradients that reach these ops in a network
         gy = tinyres.Tensor(gy.data.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)) if gy.ndim == 4 else gy
     tf = timeit(fwd, device)
@@ -127,11 +127,11 @@ def main():
 
 def _layer_gemms(n, c_in, c, hw, stride):
     """Seconds of the forward and of the backward GEMMs of one conv2d layer, chunk by chunk."""
-    from tinyres.nn.functional import _chunk
+    from tinyres.kernels import ConvGeometry
 
     rng = np.random.default_rng(0)
     oh, k = hw // stride, 9 * c_in
-    step = _chunk(np, oh * oh, k * 4, n)
+    step = max(1, min(n, ConvGeometry.CHUNK_ROWS // (oh * oh)))
     cols, wmat = rng.standard_normal((step * oh * oh, k), dtype=np.float32), rng.standard_normal((k, c), dtype=np.float32)
     y = np.empty((step * oh * oh, c), np.float32)
     tf = timeit(lambda: np.matmul(cols, wmat, out=y), "cpu") * -(-n // step)

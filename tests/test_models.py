@@ -14,7 +14,7 @@ from tinyres.nn import init
 
 
 def count(model: nn.Module) -> int:
-    return sum(p.size for p in model.parameters())
+    return sum(p.numel() for p in model.parameters())
 
 
 # Section 4.2: the CIFAR-10 nets with option A (parameter-free) shortcuts

@@ -329,12 +329,14 @@ def test_long_chain_has_no_recursion_limit(device):
         y = y * 1.0001
     y.sum().backward()
     assert np.allclose(x.grad.numpy(), 1.0001 ** n)
-    # freeing an unused deep graph must not overflow the C stack either
-    y = x
+    # freeing an unused deep graph must not overflow the C stack either, and must free it all
+    y = first = x + 0.0
     for _ in range(n):
         y = y + 0.0
-    del y
+    first_alive = weakref.ref(first)
+    del y, first
     gc.collect()
+    assert first_alive() is None
 
 
 def test_resnet1202_deep_graph_stand_in(device):
@@ -356,21 +358,21 @@ def test_resnet1202_deep_graph_stand_in(device):
 def test_graph_is_freed_after_backward(device):
     x = leaf(np.ones((4, 4)), device)
     mid = x.exp()
-    ref_t, ref_fn = weakref.ref(mid), weakref.ref(mid._ctx)
+    ref_t, ref_fn = weakref.ref(mid), weakref.ref(mid.grad_fn)
     out = (mid * 2).sum()
-    kept = x * 3  # a second intermediate we keep: its _ctx must be cleared
+    kept = x * 3  # a second intermediate we keep: its grad_fn must be cleared
     out2 = (kept + out).sum()
     del mid, out
     assert ref_t() is not None  # kept alive by the graph until backward
     out2.backward()
     assert ref_t() is None and ref_fn() is None  # freed without a gc.collect(): no cycles
-    assert kept._ctx is None and out2._ctx is None
+    assert kept.grad_fn is None and out2.grad_fn is None
 
 
 def test_saved_arrays_are_released_by_backward(device):
     x = leaf(np.ones(3), device)
     y = x * x
-    fn = y._ctx
+    fn = y.grad_fn
     y.sum().backward()
     assert not fn.__dict__  # inputs and saved arrays dropped
 
@@ -381,7 +383,7 @@ def test_no_grad_records_no_graph(device):
         assert not tinyres.is_grad_enabled()
         y = (x * 2).exp().sum()
     assert tinyres.is_grad_enabled()
-    assert y._ctx is None and not y.requires_grad
+    assert y.grad_fn is None and not y.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         y.backward()
 
@@ -389,7 +391,7 @@ def test_no_grad_records_no_graph(device):
     def f(t):
         return t * 2
 
-    assert f(x)._ctx is None and tinyres.is_grad_enabled()
+    assert f(x).grad_fn is None and tinyres.is_grad_enabled()
     with no_grad():
         with no_grad():
             pass
@@ -402,7 +404,7 @@ def test_no_grad_records_no_graph(device):
 def test_detach(device):
     x = leaf(np.array([1.0, 2.0]), device)
     d = x.detach()
-    assert not d.requires_grad and d._ctx is None
+    assert not d.requires_grad and d.grad_fn is None
     assert d.data is x.data  # shares memory, like torch
     (d * x).sum().backward()
     assert np.allclose(x.grad.numpy(), [1, 2])  # no gradient flows through the detached factor
@@ -443,7 +445,7 @@ def test_tensor_dtypes_and_properties(device):
     assert tensor(np.ones(2), device=device).dtype == np.float64  # arrays keep their dtype
     assert tensor([1, 2], dtype=np.float64, device=device).dtype == np.float64
     t = tensor(np.arange(6.0).reshape(2, 3), device=device)
-    assert t.shape == (2, 3) and isinstance(t.shape, tuple) and t.ndim == 2 and t.size == 6 and len(t) == 2
+    assert t.shape == (2, 3) and isinstance(t.shape, tuple) and t.ndim == 2 and t.size() == (2, 3) and t.size(1) == 3 and t.numel() == 6 and len(t) == 2
     assert t.device == device
     assert isinstance(t.numpy(), np.ndarray) and np.array_equal(t.numpy(), np.arange(6.0).reshape(2, 3))
     assert t[1, 2].item() == 5.0 and isinstance(t[1, 2].item(), float)

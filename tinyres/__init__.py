@@ -1,39 +1,55 @@
 """tinyres: a small reverse-mode autograd engine on NumPy/CuPy that trains the CIFAR-10 ResNets."""
 
-from . import models, nn, optim
-from .autograd import gradcheck
+from . import (
+    models,
+    nn,
+    ops,  # noqa: F401  (first: it gives Tensor its operators and methods)
+    optim,
+)
 from .backend import cuda_available, get_array_module
 from .checkpoint import load_checkpoint, save_checkpoint
-from .nn.init import manual_seed
-from .tensor import (
-    Tensor,
+from .gradcheck import gradcheck
+from .kernels import get_num_threads, set_num_threads
+from .ops import (
     amax,
-    as_tensor,
+    argmax,
     cat,
     concatenate,
     exp,
     flatten,
-    is_grad_enabled,
     log,
     matmul,
     max,
     mean,
-    no_grad,
-    ones,
     permute,
+    relu,
     reshape,
+    softmax,
     stack,
     sum,
-    tensor,
     transpose,
+)
+from .tensor import (
+    Tensor,
+    as_tensor,
+    from_numpy,
+    is_grad_enabled,
+    manual_seed,
+    no_grad,
+    ones,
+    ones_like,
+    randn,
+    tensor,
     zeros,
+    zeros_like,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tensor", "amax", "as_tensor", "cat", "concatenate", "cuda_available", "exp", "flatten",
-    "get_array_module", "gradcheck", "is_grad_enabled", "load_checkpoint", "log", "manual_seed",
-    "matmul", "max", "mean", "models", "nn", "no_grad", "ones", "optim", "permute", "reshape",
-    "save_checkpoint", "stack", "sum", "tensor", "transpose", "zeros",
+    "Tensor", "amax", "argmax", "as_tensor", "cat", "concatenate", "cuda_available", "exp", "flatten", "from_numpy",
+    "get_array_module", "get_num_threads", "gradcheck", "is_grad_enabled", "load_checkpoint", "log", "manual_seed",
+    "matmul", "max", "mean", "models", "nn", "no_grad", "ones", "ones_like", "optim", "permute", "randn", "relu",
+    "reshape", "save_checkpoint", "set_num_threads", "softmax", "stack", "sum", "tensor", "transpose", "zeros",
+    "zeros_like",
 ]

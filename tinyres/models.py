@@ -269,7 +269,7 @@ def summary(model: Module, input_shape: tuple[int, ...] = (1, 3, 32, 32), file: 
 
     def trace(module: Module, inputs: tuple) -> Any:
         row = {"name": names.get(id(module), "?"), "type": type(module).__name__, "macs": 0,
-               "params": sum(p.size for p in module.parameters())}
+               "params": sum(p.numel() for p in module.parameters())}
         rows.append(row)
         first = len(rows)
         x = inputs[0]
@@ -295,7 +295,7 @@ def summary(model: Module, input_shape: tuple[int, ...] = (1, 3, 32, 32), file: 
         for m, mode in modes.items():
             m.training = mode
 
-    total_params = sum(p.size for p in model.parameters())
+    total_params = sum(p.numel() for p in model.parameters())
     total_macs = sum(r["macs"] for r in rows)
     out = file if file is not None else sys.stdout
     print(f"{'Layer (type)':<44} {'Output shape':<22} {'Params':>12} {'Mult-adds':>16}", file=out)

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from ..backend import device_of, to_device
-from ..tensor import Tensor
+from ..tensor import Tensor, default_generator, manual_seed
 
 __all__ = [
     "calculate_gain",
@@ -26,21 +26,6 @@ __all__ = [
     "uniform_",
     "zeros_",
 ]
-
-_generator = np.random.default_rng(0)  # a fixed seed, as PyTorch's: a fresh process builds the same model
-
-
-def manual_seed(seed: int) -> np.random.Generator:
-    """Reseed the generator that all initializers use by default, and return it."""
-    global _generator
-    _generator = np.random.default_rng(seed)
-    return _generator
-
-
-def default_generator() -> np.random.Generator:
-    """The generator initializers use when none is passed."""
-    return _generator
-
 
 def _fill(tensor: Tensor, values: np.ndarray) -> Tensor:
     """Copy CPU `values` into `tensor.data`, keeping its dtype and device."""
@@ -89,14 +74,14 @@ def kaiming_uniform_(tensor: Tensor, mode: str = "fan_in", nonlinearity: str = "
 def uniform_(tensor: Tensor, a: float = 0.0, b: float = 1.0,
              generator: np.random.Generator | None = None) -> Tensor:
     """Fill with values drawn from U(a, b)."""
-    u = (generator or _generator).random(tensor.shape, dtype=np.float32)
+    u = (generator or default_generator()).random(tensor.shape, dtype=np.float32)
     return _fill(tensor, u * np.float32(b - a) + np.float32(a))
 
 
 def normal_(tensor: Tensor, mean: float = 0.0, std: float = 1.0,
             generator: np.random.Generator | None = None) -> Tensor:
     """Fill with values drawn from N(mean, std^2)."""
-    z = (generator or _generator).standard_normal(tensor.shape, dtype=np.float32)
+    z = (generator or default_generator()).standard_normal(tensor.shape, dtype=np.float32)
     return _fill(tensor, z * np.float32(std) + np.float32(mean))
 
 
