@@ -608,3 +608,93 @@ def test_user_function_subclass(device):
     y = _Identity()(x)
     assert isinstance(y, Tensor) and y.requires_grad and not y.is_leaf
     assert gradcheck(lambda t: _Identity()(t) * t, [x])
+
+
+# ---- the gradient shape check, operands from NumPy, PyTorch's names -------------------------
+
+def test_a_backward_returning_a_wrongly_shaped_gradient_names_the_op_and_shapes(device):
+    class Transposed(Function):  # returns a (3, 2) gradient for a (2, 3) input
+        def forward(self, x):
+            return x * 2
+
+        def backward(self, gy):
+            return gy.T
+
+    x = leaf(np.ones((2, 3)), device)
+    y = Transposed()(x)
+    with pytest.raises(ValueError, match=r"Transposed\.backward: gradient of shape \(3, 2\) for an input of "
+                                         r"shape \(2, 3\)"):
+        y.backward(np.ones((2, 3)))
+
+
+def test_broadcast_gradients_are_still_reduced_to_the_input_shape(device):
+    class Widen(Function):  # backward returns the broadcast (4, 2, 3) gradient for a (1, 3) input
+        def forward(self, x):
+            return self.xp.broadcast_to(x, (4, 2, 3)).copy()
+
+        def backward(self, gy):
+            return gy
+
+    x = leaf(np.ones((1, 3)), device)
+    Widen()(x).backward(np.ones((4, 2, 3)))
+    assert x.grad.shape == (1, 3) and np.all(x.grad.numpy() == 8)
+
+
+def test_an_array_on_the_left_hands_the_op_to_the_tensor(device, xp):
+    t = tensor([1.0, 2.0, 3.0], requires_grad=True, device=device)
+    a = xp.asarray(np.array([2.0, 2.0, 2.0], np.float32))
+    for y, expected in ((a * t, [2, 4, 6]), (a + t, [3, 4, 5]), (a - t, [1, 0, -1]), (a / t, [2, 1, 2 / 3])):
+        assert isinstance(y, Tensor) and y.dtype == np.float32
+        assert np.allclose(y.numpy(), expected)
+    w = tensor(np.ones((3, 1), np.float32), requires_grad=True, device=device)
+    (xp.asarray(np.ones((2, 3), np.float32)) @ w).sum().backward()
+    assert np.array_equal(w.grad.numpy(), [[2], [2], [2]])
+
+
+def test_a_zero_dim_array_operand_acts_like_a_scalar(device):
+    t = tensor(np.ones(3, np.float32), device=device)
+    for y in (t * np.array(2.0), np.array(2.0) * t, t + np.float64(1.0), t / np.array(2, np.int64)):
+        assert y.dtype == np.float32 and y.shape == (3,)
+
+
+def test_pytorch_names_on_tensors(device):
+    t = tensor([[1.0, 5.0, 2.0], [7.0, 0.0, 3.0]], requires_grad=True, device=device)
+    assert t.size() == (2, 3) and t.size(0) == 2 and t.size(-1) == 3 and t.numel() == 6 and t.dim() == 2
+    assert t.argmax().item() == 3 and t.argmax(dim=1).tolist() == [1, 0]
+    assert t.argmax(1, keepdim=True).shape == (2, 1)
+    s = t.softmax(dim=1)
+    assert np.allclose(s.numpy().sum(axis=1), 1) and s.dtype == np.float32
+    assert t.grad_fn is None and t.is_leaf
+    y = (t * 2).sum()
+    assert type(y.grad_fn).__name__ == "Sum" and not y.is_leaf and "grad_fn=<Sum>" in repr(y)
+    y.backward()
+    assert y.grad_fn is None  # the graph is freed by backward
+    assert t.to(np.float64).dtype == np.float64
+
+
+def test_factories(device):
+    assert tinyres.zeros(2, 3, device=device).shape == (2, 3)
+    assert tinyres.ones((2,), device=device).numpy().tolist() == [1, 1]
+    tinyres.manual_seed(5)
+    a = tinyres.randn(3, 4, device=device)
+    tinyres.manual_seed(5)
+    b = tinyres.randn(3, 4, device=device)
+    assert a.dtype == np.float32 and a.device == device and np.array_equal(a.numpy(), b.numpy())
+    z = tinyres.zeros_like(a, requires_grad=True)
+    assert z.shape == (3, 4) and z.device == device and z.requires_grad
+    assert tinyres.ones_like(a).numpy().sum() == 12
+
+
+def test_from_numpy_shares_memory():
+    a = np.arange(3.0)
+    t = tinyres.from_numpy(a)
+    a[0] = 7
+    assert t.dtype == np.float64 and t.numpy()[0] == 7
+    with pytest.raises(TypeError, match="from_numpy: expected a numpy.ndarray, got list"):
+        tinyres.from_numpy([1, 2])
+
+
+def test_tensor_keeps_the_data_on_its_device(device, xp):
+    a = xp.asarray(np.ones(3, np.float32))
+    assert tensor(a).device == device
+    assert tensor(a, device="cpu").device == "cpu"

@@ -1,0 +1,156 @@
+"""Tests of the kernels beneath the ops: threads, chunked im2col convolution, per-channel passes.
+
+The ops' gradients are checked in test_functional.py; here: the same results whatever the
+chunking and thread count (bitwise from run to run at a fixed count), layouts kept, settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinyres
+from tinyres import kernels
+from tinyres.nn import functional as F
+
+
+@pytest.fixture
+def threads():
+    """Set the thread count for one test, and restore it after."""
+    before = tinyres.get_num_threads()
+    yield tinyres.set_num_threads
+    tinyres.set_num_threads(before)
+
+
+def channels_last(a):
+    return a.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)
+
+
+def conv_reference(x, W, stride, pad):
+    """Direct loops over the kernel offsets, in float64."""
+    n, c, h, w = x.shape
+    oc, _, kh, kw = W.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
+    y = np.zeros((n, oc, oh, ow))
+    for p in range(kh):
+        for q in range(kw):
+            patch = xp[:, :, p:p + stride * (oh - 1) + 1:stride, q:q + stride * (ow - 1) + 1:stride]
+            y += np.einsum("nchw,oc->nohw", patch, W[:, :, p, q].astype(np.float64))
+    return y
+
+
+def conv_step(x, W, gamma, beta, stride):
+    """conv -> batch norm -> relu, forward and backward: every array a training step makes."""
+    xt = tinyres.tensor(x, requires_grad=True)
+    Wt, gt, bt = (tinyres.tensor(a, requires_grad=True) for a in (W, gamma, beta))
+    rm, rv = np.zeros(W.shape[0], np.float32), np.ones(W.shape[0], np.float32)
+    y = F.relu(F.batch_norm(F.conv2d(xt, Wt, stride=stride, padding=1), rm, rv, gt, bt, training=True))
+    gy = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
+    y.backward(gy)
+    return [y.numpy(), xt.grad.numpy(), Wt.grad.numpy(), gt.grad.numpy(), bt.grad.numpy(), rm, rv]
+
+
+def make_inputs(n=20, c=8, oc=8, hw=12):
+    rng = np.random.default_rng(0)
+    x = channels_last(rng.standard_normal((n, c, hw, hw)).astype(np.float32))
+    W = (rng.standard_normal((oc, c, 3, 3)) * 0.2).astype(np.float32)
+    return x, W, rng.standard_normal(oc).astype(np.float32), rng.standard_normal(oc).astype(np.float32)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_results_are_bitwise_identical_from_run_to_run(threads, stride, monkeypatch):
+    monkeypatch.setattr(kernels.ConvGeometry, "CHUNK_ROWS", 64)  # many chunks per thread
+    threads(2)
+    first = conv_step(*make_inputs(), stride)
+    kernels.free_scratch()
+    again = conv_step(*make_inputs(), stride)
+    for a, b in zip(first, again):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_thread_counts_and_chunk_sizes_agree_within_float32_tolerance(threads, stride, monkeypatch):
+    results = []
+    for n_threads, chunk_rows in ((1, 10 ** 6), (2, 64), (3, 300)):
+        threads(n_threads)
+        monkeypatch.setattr(kernels.ConvGeometry, "CHUNK_ROWS", chunk_rows)
+        results.append(conv_step(*make_inputs(), stride))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("stride,pad", [(1, 1), (2, 1), (1, 0), (2, 0)])
+def test_chunked_threaded_convolution_matches_direct_loops(threads, stride, pad, monkeypatch):
+    monkeypatch.setattr(kernels.ConvGeometry, "CHUNK_ROWS", 50)  # chunks of one or two images
+    threads(2)
+    x, W = make_inputs(n=7, hw=9)[:2]
+    y = kernels.conv2d_forward(x, W, (stride, stride), (pad, pad))
+    np.testing.assert_allclose(y, conv_reference(x, W, stride, pad), rtol=1e-4, atol=1e-4)
+    assert y.transpose(0, 2, 3, 1).flags.c_contiguous  # an NCHW view of channels-last memory
+
+
+def test_per_channel_passes_match_numpy(threads):
+    threads(2)
+    rng = np.random.default_rng(0)
+    for a in (channels_last(rng.standard_normal((6, 16, 20, 20))), rng.standard_normal((6, 16, 5, 5)),
+              rng.standard_normal((3000, 16))):
+        b = rng.standard_normal(a.shape)
+        axes = (0, 2, 3) if a.ndim == 4 else (0,)
+        shape = (1, -1, 1, 1) if a.ndim == 4 else (1, -1)
+        s, t, u = (rng.standard_normal(16) for _ in range(3))
+        np.testing.assert_allclose(kernels.channel_sum(a), a.sum(axis=axes))
+        np.testing.assert_allclose(kernels.channel_dot(a, b), (a * b).sum(axis=axes))
+        y = kernels.channel_affine(a, s, t, b, u)
+        np.testing.assert_allclose(y, a * s.reshape(shape) + t.reshape(shape) + b * u.reshape(shape))
+        assert y.strides == a.strides  # the layout is kept
+        np.testing.assert_allclose(kernels.channel_affine(a, None, t), a + t.reshape(shape))
+
+
+def test_parallel_for_covers_the_range_in_order_and_waits_for_every_part(threads):
+    threads(3)
+    assert kernels.parallel_for(lambda lo, hi, part: (lo, hi, part), 10) == [(0, 3, 0), (3, 6, 1), (6, 10, 2)]
+    assert kernels.parallel_for(lambda lo, hi, part: (lo, hi), 2) == [(0, 1), (1, 2)]  # fewer items than threads
+    # a nested call runs serially inside its part instead of waiting on a busy pool
+    nested = kernels.parallel_for(lambda lo, hi, part: kernels.parallel_for(lambda a, b, p: (a, b), hi - lo), 6)
+    assert nested == [[(0, 2)], [(0, 2)], [(0, 2)]]
+    done = []
+
+    def fail_first(lo, hi, part):
+        if part == 0:
+            raise RuntimeError("part 0 failed")
+        done.append(part)
+    with pytest.raises(RuntimeError, match="part 0 failed"):
+        kernels.parallel_for(fail_first, 9)
+    assert sorted(done) == [1, 2]
+
+
+def test_set_num_threads_checks_its_argument(threads):
+    threads(2)
+    assert tinyres.get_num_threads() == 2
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="set_num_threads: n must be a positive integer"):
+            tinyres.set_num_threads(bad)
+    assert tinyres.get_num_threads() == 2
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def test_thread_count_from_the_environment_and_blas_held_to_one_thread():
+    code = ("import numpy as np, tinyres, threadpoolctl\n"
+            "from tinyres.nn import functional as F\n"
+            "F.relu(F.conv2d(tinyres.randn(2, 3, 8, 8), tinyres.randn(4, 3, 3, 3), padding=1))\n"
+            "blas = [i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas']\n"
+            "print(tinyres.get_num_threads(), blas)")
+    out = run_python(code, TINYRES_NUM_THREADS="3")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "3" and "[1]" in out.stdout
+    bad = run_python("import tinyres", TINYRES_NUM_THREADS="two")
+    assert bad.returncode != 0 and "TINYRES_NUM_THREADS must be a positive integer, got 'two'" in bad.stderr
