@@ -109,6 +109,14 @@ def check_config(config: TrainConfig) -> None:
                          "or --device cpu)")
 
 
+def check_data_fits(config: TrainConfig, n_train: int) -> None:
+    """Raise UsageError if a batch is larger than the `n_train` training images of --data."""
+    n_train -= config.val_size if config.val_split else 0
+    if config.batch_size > n_train:
+        where = f"--data {config.data_path}" if config.data_path else "the data set"
+        raise UsageError(f"--batch-size {config.batch_size}: larger than the {n_train:,} training images in {where}")
+
+
 def scaled_schedule(iters: int, milestones: tuple[int, ...], new_iters: int) -> tuple[int, ...]:
     """The lr `milestones` of an `iters`-iteration schedule, moved to the same fractions of `new_iters`."""
     return tuple(max(1, round(m * new_iters / iters)) for m in milestones)

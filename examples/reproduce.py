@@ -119,8 +119,8 @@ def train_all(configs: list[TrainConfig], data: CIFAR10) -> list[dict[str, Any]]
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: train each net (skipping finished runs), then write results.md and fig6.png."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: which nets, how long, where."""
     p = cli.ArgumentParser(__doc__)
     p.add_argument("--nets", nargs="+", type=parse_net, default=[parse_net(n) for n in DEFAULT_NETS],
                    metavar="NET", help=f"nets to train (default: {' '.join(DEFAULT_NETS)})")
@@ -140,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--report", action="store_true",
                    help="train nothing: tabulate and plot the finished runs under --out")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: train each net (skipping finished runs), then write results.md and fig6.png."""
+    args = build_parser().parse_args(argv)
 
     cli.check_at_least(1, iters=args.iters, batch_size=args.batch_size, eval_every=args.eval_every)
     for depth, plain, shortcut in args.nets:
@@ -167,35 +172,40 @@ def main(argv: list[str] | None = None) -> int:
             cli.check_config(config)
         cli.check_writable_folder(out, "--out")
         data = cli.load_data(args.data)
+        cli.check_data_fits(configs[0], len(data.train_images))
         with cli.removed_if_left_empty(out):
             rows = train_all(configs, data)
         if rows is None:
             return 130
-    run_dirs = [run_dir for *_, run_dir in runs]
+    command = " ".join(["python examples/reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    text = results_markdown(args, iters, rows, data, command)
+    write_text(out / "results.md", text)
+    from plot_curves import plot_curves  # imports matplotlib: only once there is something to draw
 
+    fig = plot_curves([run_dir for *_, run_dir in runs], out / "fig6.png")
+    print(text)
+    print(f"wrote {out / 'results.md'} and {fig}", file=sys.stderr)
+    return 0
+
+
+def results_markdown(args: argparse.Namespace, iters: int, rows: list[dict[str, Any]], data: CIFAR10 | None,
+                     command: str) -> str:
+    """results.md: the table of `rows`, how its errors were measured, and where they come from."""
     split = rows[0].get("split", "test") if rows else "test"
     evaluated = (f"{TrainConfig().val_size:,} validation images held out from training" if split == "val"
                  else f"{len(data.test_images) if data else 10_000:,} test images")
-    command = " ".join(["python examples/reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     if args.report:
         provenance = (f"Tabulated from the finished runs' logs (`{command}`) on {machine()}. Each run's "
                       "config.json holds its command-line settings and data path.")
     else:
         device = f"GPU: {gpu_name()}" if args.device == "cuda" else "CPU only"
         provenance = f"Command: `{command}`  \nMachine: {machine()}; {device}.  \nData: {data.source}"
-    text = (f"# CIFAR-10: plain nets and ResNets ({args.schedule} schedule, {iters:,} iterations)\n\n"
+    return (f"# CIFAR-10: plain nets and ResNets ({args.schedule} schedule, {iters:,} iterations)\n\n"
             + results_table(rows)
             + "\nTraining error: mean over the last evaluation interval (augmented batches). "
             f"Test error: on the {evaluated}. The paper trains 64k iterations on the original lossless "
             "CIFAR-10; a shorter schedule or a lossy (JPEG) copy of the data gives higher errors, so compare "
             f"trends, not digits.\n\n{provenance}\n\n![Figure 6](fig6.png)\n")
-    write_text(out / "results.md", text)
-    from plot_curves import plot_curves  # imports matplotlib: only once there is something to draw
-
-    fig = plot_curves(run_dirs, out / "fig6.png")
-    print(text)
-    print(f"wrote {out / 'results.md'} and {fig}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -110,14 +110,6 @@ def check_start(config: TrainConfig) -> None:
                              "or choose another --out")
 
 
-def check_data_fits(config: TrainConfig, n_train: int) -> None:
-    """Raise UsageError if a batch is larger than the training images of --data."""
-    n_train -= config.val_size if config.val_split else 0
-    if config.batch_size > n_train:
-        raise cli.UsageError(f"--batch-size {config.batch_size}: larger than the {n_train:,} training images in "
-                             f"--data {config.data_path}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, train, print the final error; exit status 130 after Ctrl-C, 1 on divergence."""
     parser = build_parser()
@@ -128,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     check_start(config)
     data = cli.load_data(config.data_path)
-    check_data_fits(config, len(data.train_images))
+    cli.check_data_fits(config, len(data.train_images))
     try:
         with cli.removed_if_left_empty(Path(config.out)):
             result = train(config, data=data)

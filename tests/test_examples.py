@@ -350,6 +350,23 @@ def test_train_cifar_batch_larger_than_the_data(tmp_path, image_folder):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_failed_start_leaves_no_empty_folder(tmp_path):
+    cli = importlib.import_module("cli")
+    run = tmp_path / "runs" / "r"
+    with pytest.raises(OSError), cli.removed_if_left_empty(run):
+        run.mkdir(parents=True)
+        raise OSError("failed before writing anything")
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(OSError), cli.removed_if_left_empty(run):
+        run.mkdir(parents=True)
+        (run / "config.json").write_text("{}")
+        raise OSError("failed after writing the config")
+    assert (run / "config.json").exists()  # kept: the failure left something worth looking at
+    with cli.removed_if_left_empty(tmp_path / "new"):
+        (tmp_path / "new").mkdir()
+    assert (tmp_path / "new").is_dir()
+
+
 def _limit_file_size():
     import resource
 
