@@ -11,21 +11,20 @@ ResNets' responses generally smaller than plain nets', and smaller for deeper Re
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure  # renders with Agg: no display, no pyplot state
-from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import cli
 
 import tinyres
 from tinyres import nn
 from tinyres.checkpoint import load_checkpoint
-from tinyres.data import load_cifar10, to_float
+from tinyres.data import to_float
 from tinyres.nn.modules import override_calls
 from tinyres.train import build_model, model_name
 
@@ -77,6 +76,8 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[nn.Module, np.n
     """(model, per-pixel mean, label, config) from a run dir or its checkpoint.npz."""
     path = Path(path)
     run_dir, ckpt = (path, path / "checkpoint.npz") if path.is_dir() else (path.parent, path)
+    if not (run_dir / "config.json").exists():
+        raise cli.UsageError(f"{path}: no config.json in {run_dir}; give run folders written by train_cifar.py")
     config = json.loads((run_dir / "config.json").read_text())
     depth, plain, shortcut = int(config["depth"]), bool(config["plain"]), str(config.get("shortcut", "A"))
     model = build_model(depth, plain, shortcut)
@@ -87,6 +88,9 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[nn.Module, np.n
 
 def plot_responses(results: list[tuple[str, int, bool, np.ndarray]], out: str | Path) -> Path:
     """Draw Figure 7 (std per layer: in layer order on top, sorted below) into PNG `out`."""
+    from matplotlib.figure import Figure  # renders with Agg: no display, no pyplot state
+    from matplotlib.ticker import MaxNLocator
+
     fig = Figure(figsize=(8, 7))
     top, bottom = fig.subplots(2, 1)
     for label, depth, plain, stds in results:
@@ -112,7 +116,7 @@ def plot_responses(results: list[tuple[str, int, bool, np.ndarray]], out: str | 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run dirs or checkpoints in, Figure 7 PNG out."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("runs", nargs="+", help="run directories (or their checkpoint.npz)")
     p.add_argument("--data", default=None, help="CIFAR-10 archive (default: $TINYRES_DATA, else the cache)")
     p.add_argument("--limit", type=int, default=None, help="use the first N test images (default: all 10k)")
@@ -120,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default="fig7.png", help="the PNG to write")
     args = p.parse_args(argv)
-    data = load_cifar10(args.data)
+    cli.check_at_least(1, limit=args.limit, batch_size=args.batch_size)
+    cli.require("matplotlib", "plot", "drawing Figure 7")
+    cli.check_writable_folder(Path(args.out).parent, "--out")
+    data = cli.load_data(args.data)
     images = data.test_images[:args.limit] if args.limit else data.test_images
     results = []
     for run in args.runs:
@@ -133,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

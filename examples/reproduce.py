@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for plot_curves
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for cli and plot_curves
 
-from plot_curves import plot_curves
+import cli
 
-from tinyres.data import load_cifar10
+from tinyres.atomic import write_text
+from tinyres.data import CIFAR10
 from tinyres.train import TrainConfig, build_model, count_parameters, model_name, paper_schedule, read_metrics, train
 
 # Table 6 of the paper: CIFAR-10 test error (%) of the ResNets with option-A shortcuts
@@ -88,22 +89,46 @@ def finished_run(run_dir: Path, depth: int, plain: bool, shortcut: str, iters: i
     history = read_metrics(run_dir)
     if not history or history[-1]["iter"] != iters:
         done = f"its log ends at iteration {history[-1]['iter']:,}" if history else "it has no metrics.jsonl"
-        raise SystemExit(f"--report: {run_dir} is not a finished {iters:,}-iteration run of {name} ({done}); "
+        raise cli.UsageError(f"--report: {run_dir} is not a finished {iters:,}-iteration run of {name} ({done}); "
                          "train it first (the same command without --report)")
     n_params = count_parameters(build_model(depth, plain, shortcut))
     return {**history[-1], "name": name, "iterations": iters, "params": n_params, "out": str(run_dir),
             "history": history}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: train each net (skipping finished runs), then write results.md and fig6.png."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_folder_name(depth: int, plain: bool, shortcut: str) -> str:
+    """The subfolder of --out that a net trains into: 'plain-20', 'resnet-56', 'resnet-56-b'."""
+    return model_name(depth, plain, shortcut).lower().replace(" ", "").replace("(", "-").replace(")", "")
+
+
+def train_all(configs: list[TrainConfig], data: CIFAR10) -> list[dict[str, Any]] | None:
+    """Train (or resume, or skip when finished) each run in turn: their final metrics; None after Ctrl-C."""
+    rows = []
+    for config in configs:
+        name = model_name(config.depth, config.plain, config.shortcut)
+        print(f"== {name}: {config.iters:,} iterations, lr /10 at {', '.join(map(str, config.milestones))} -> "
+              f"{config.out}", file=sys.stderr)
+        try:
+            result = train(config, data=data)
+        except KeyboardInterrupt as e:  # the run saved a checkpoint: running this again resumes it
+            print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
+            return None
+        except OSError as e:  # the data is loaded: what fails now is reading or writing the run
+            raise cli.UsageError(f"--out {config.out}: {cli.describe(e)}") from e
+        rows.append({**result, "depth": config.depth, "plain": config.plain, "shortcut": config.shortcut})
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: which nets, how long, where."""
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("--nets", nargs="+", type=parse_net, default=[parse_net(n) for n in DEFAULT_NETS],
                    metavar="NET", help=f"nets to train (default: {' '.join(DEFAULT_NETS)})")
     p.add_argument("--schedule", choices=["paper", "short"], default="short",
                    help="paper: 64k iterations (lr /10 at 32k, 48k); short: 2k (/10 at 1.5k, 1.9k)")
     p.add_argument("--iters", type=int, default=None,
-                   help="total iterations; the schedule's lr milestones scale with it")
+                   help="total iterations; the schedule's lr milestones scale with it (the paper's: to 50%% and "
+                        "75%% of the run)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--val-split", action="store_true", help="evaluate on 5k images held out from training")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -115,61 +140,73 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--report", action="store_true",
                    help="train nothing: tabulate and plot the finished runs under --out")
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: train each net (skipping finished runs), then write results.md and fig6.png."""
+    args = build_parser().parse_args(argv)
+
+    cli.check_at_least(1, iters=args.iters, batch_size=args.batch_size, eval_every=args.eval_every)
+    for depth, plain, shortcut in args.nets:
+        cli.check_depth(depth, f"--nets {model_name(depth, plain, shortcut)}")
+    cli.require("matplotlib", "plot", "drawing fig6.png")
     iters, milestones = paper_schedule(args.schedule)
     if args.iters is not None:
-        milestones = tuple(round(m * args.iters / iters) for m in milestones)
-        iters = args.iters
+        iters, milestones = args.iters, cli.scaled_schedule(iters, milestones, args.iters)
     eval_every = args.eval_every or max(1, min(1000, iters // 10))
     out = Path(args.out)
-    data = None if args.report else load_cifar10(args.data)
-
-    rows, run_dirs = [], []
-    for depth, plain, shortcut in args.nets:
-        name = model_name(depth, plain, shortcut)
-        run_dir = out / name.lower().replace(" ", "").replace("(", "-").replace(")", "")
-        if args.report:
-            rows.append({**finished_run(run_dir, depth, plain, shortcut, iters),
-                         "depth": depth, "plain": plain, "shortcut": shortcut})
-            run_dirs.append(run_dir)
-            continue
-        config = TrainConfig(depth=depth, plain=plain, shortcut=shortcut, iters=iters, milestones=milestones,
-                             batch_size=args.batch_size, val_split=args.val_split, device=args.device,
-                             seed=args.seed, out=str(run_dir), resume=True, eval_every=eval_every,
-                             checkpoint_every=eval_every, progress=not args.quiet)
-        print(f"== {name}: {iters:,} iterations, lr /10 at {', '.join(map(str, milestones))} -> {run_dir}",
-              file=sys.stderr)
-        try:
-            result = train(config, data=data)
-        except KeyboardInterrupt as e:  # the run saved a checkpoint: running this again resumes it
-            print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
+    runs = [(depth, plain, shortcut, out / run_folder_name(depth, plain, shortcut))
+            for depth, plain, shortcut in args.nets]
+    if args.report:
+        data = None
+        rows = [{**finished_run(run_dir, depth, plain, shortcut, iters), "depth": depth, "plain": plain,
+                 "shortcut": shortcut} for depth, plain, shortcut, run_dir in runs]
+    else:
+        configs = [TrainConfig(depth=depth, plain=plain, shortcut=shortcut, iters=iters, milestones=milestones,
+                               batch_size=args.batch_size, val_split=args.val_split, device=args.device,
+                               seed=args.seed, out=str(run_dir), resume=True, eval_every=eval_every,
+                               checkpoint_every=eval_every, progress=not args.quiet)
+                   for depth, plain, shortcut, run_dir in runs]
+        for config in configs:
+            cli.check_config(config)
+        cli.check_writable_folder(out, "--out")
+        data = cli.load_data(args.data)
+        cli.check_data_fits(configs[0], len(data.train_images))
+        with cli.removed_if_left_empty(out):
+            rows = train_all(configs, data)
+        if rows is None:
             return 130
-        rows.append({**result, "depth": depth, "plain": plain, "shortcut": shortcut})
-        run_dirs.append(run_dir)
+    command = " ".join(["python examples/reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    text = results_markdown(args, iters, rows, data, command)
+    write_text(out / "results.md", text)
+    from plot_curves import plot_curves  # imports matplotlib: only once there is something to draw
 
+    fig = plot_curves([run_dir for *_, run_dir in runs], out / "fig6.png")
+    print(text)
+    print(f"wrote {out / 'results.md'} and {fig}", file=sys.stderr)
+    return 0
+
+
+def results_markdown(args: argparse.Namespace, iters: int, rows: list[dict[str, Any]], data: CIFAR10 | None,
+                     command: str) -> str:
+    """results.md: the table of `rows`, how its errors were measured, and where they come from."""
     split = rows[0].get("split", "test") if rows else "test"
     evaluated = (f"{TrainConfig().val_size:,} validation images held out from training" if split == "val"
                  else f"{len(data.test_images) if data else 10_000:,} test images")
-    command = " ".join(["python examples/reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     if args.report:
         provenance = (f"Tabulated from the finished runs' logs (`{command}`) on {machine()}. Each run's "
                       "config.json holds its command-line settings and data path.")
     else:
         device = f"GPU: {gpu_name()}" if args.device == "cuda" else "CPU only"
         provenance = f"Command: `{command}`  \nMachine: {machine()}; {device}.  \nData: {data.source}"
-    text = (f"# CIFAR-10: plain nets and ResNets ({args.schedule} schedule, {iters:,} iterations)\n\n"
+    return (f"# CIFAR-10: plain nets and ResNets ({args.schedule} schedule, {iters:,} iterations)\n\n"
             + results_table(rows)
             + "\nTraining error: mean over the last evaluation interval (augmented batches). "
             f"Test error: on the {evaluated}. The paper trains 64k iterations on the original lossless "
             "CIFAR-10; a shorter schedule or a lossy (JPEG) copy of the data gives higher errors, so compare "
             f"trends, not digits.\n\n{provenance}\n\n![Figure 6](fig6.png)\n")
-    (out / "results.md").write_text(text)
-    fig = plot_curves(run_dirs, out / "fig6.png")
-    print(text)
-    print(f"wrote {out / 'results.md'} and {fig}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -12,7 +12,6 @@ dependency of tinyres: install it yourself to run this.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,11 +21,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # for the PyTorch twin
 
-from tinyres.data import DataLoader, load_cifar10, per_pixel_mean, to_float
+import cli
+
+from tinyres.data import DataLoader, per_pixel_mean, to_float
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Command line: train PyTorch's twin on tinyres's batches, print the errors per window."""
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("--depth", type=int, default=20, help="6n+2: 20, 32, 44, 56, 110")
     p.add_argument("--iters", type=int, default=500)
     p.add_argument("--milestones", type=int, nargs="*", default=[], help="iterations where lr is divided by 10")
@@ -37,17 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's)")
     args = p.parse_args(argv)
-    if (args.depth - 2) % 6 or args.depth < 8:
-        p.error(f"--depth must be 6n+2 (20, 32, 44, 56, 110), got {args.depth}")
-
-    import torch
-    import torch.nn.functional as F
+    cli.check_depth(args.depth)
+    cli.check_at_least(1, iters=args.iters, batch_size=args.batch_size, window=args.window, threads=args.threads)
+    cli.check_at_least(0, seed=args.seed)
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        raise cli.UsageError("this script needs PyTorch, which tinyres does not depend on: pip install torch") from None
     from train_step import _torch_resnet
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    data = load_cifar10(args.data)
+    data = cli.load_data(args.data)
     mean = per_pixel_mean(data.train_images).astype(np.float32)
     loader = DataLoader(data.train_images, data.train_labels, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         augment=True, mean=mean, seed=args.seed)
@@ -88,4 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -17,13 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import cli
+
 from tinyres.train import DivergenceError, TrainConfig, load_run_config, paper_schedule, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one flag per TrainConfig field that people change."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("--depth", type=int, default=d.depth, help="6n+2 layers: 20, 32, 44, 56, 110, 1202 (%(default)s)")
     p.add_argument("--plain", action="store_true", help="a plain net: no shortcut connections")
     p.add_argument("--shortcut", choices=["A", "B", "C"], default=d.shortcut, type=str.upper,
@@ -31,9 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(%(default)s)")
     p.add_argument("--schedule", choices=["paper", "short"], default="paper",
                    help="paper: 64k iterations, lr /10 at 32k and 48k; short: 2k, /10 at 1.5k and 1.9k (%(default)s)")
-    p.add_argument("--iters", type=int, default=None, help="total iterations (overrides --schedule)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="total iterations (overrides --schedule); the schedule's lr milestones scale with it, "
+                        "e.g. the paper's to 50%% and 75%% of the run, unless --milestones is given")
     p.add_argument("--milestones", type=int, nargs="*", default=None,
-                   help="iterations at which the lr is divided by 10 (overrides --schedule)")
+                   help="iterations at which the lr is divided by 10, at most --iters (overrides --schedule)")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate (%(default)s)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (%(default)s)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay (%(default)s)")
@@ -62,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig that the parsed flags describe (--iters/--milestones override --schedule)."""
     iters, milestones = paper_schedule(args.schedule)
-    iters = args.iters if args.iters is not None else iters
+    if args.iters is not None:
+        iters, milestones = args.iters, cli.scaled_schedule(iters, milestones, args.iters)
     milestones = tuple(args.milestones) if args.milestones is not None else milestones
     return TrainConfig(
         depth=args.depth, plain=args.plain, shortcut=args.shortcut, iters=iters, milestones=milestones,
@@ -70,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup={"auto": None, "on": True, "off": False}[args.warmup], augment=not args.no_augment,
         val_split=args.val_split, device=args.device, data_path=args.data, seed=args.seed, out=args.out,
         resume=args.resume, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every or min(TrainConfig.eval_every, max(1, iters // 20)),
+        eval_every=args.eval_every if args.eval_every is not None else min(TrainConfig.eval_every, max(1, iters // 20)),
         prefetch=args.prefetch, progress=not args.quiet)
 
 
@@ -84,9 +89,25 @@ def resume_config(parser: argparse.ArgumentParser, argv: list[str] | None, args:
     for action in parser._actions:  # parse again with no defaults, to see which flags were given
         action.default = argparse.SUPPRESS
     given = vars(parser.parse_args(argv))
+    given.pop("debug", None)
     requested = config_from_args(args)
     changes = {f: getattr(requested, f) for flag in given for f in FLAG_FIELDS.get(flag, (flag,))}
-    return dataclasses.replace(load_run_config(args.out), **{**changes, "out": args.out, "resume": True})
+    try:
+        saved = load_run_config(args.out)
+    except (ValueError, TypeError) as e:
+        raise cli.UsageError(f"{Path(args.out) / 'config.json'}: not a run config ({e}); repair it or choose "
+                             "another --out") from e
+    return dataclasses.replace(saved, **{**changes, "out": args.out, "resume": True})
+
+
+def check_start(config: TrainConfig) -> None:
+    """Raise UsageError for flags that cannot start a run, before any data is read."""
+    cli.check_config(config)
+    out = Path(config.out)
+    cli.check_writable_folder(out, "--out")
+    if (out / "checkpoint.npz").exists() and not config.resume:
+        raise cli.UsageError(f"--out {out} already holds a run (checkpoint.npz): add --resume to continue it, "
+                             "or choose another --out")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,14 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         config = resume_config(parser, argv, args)
     else:
         config = config_from_args(args)
+    check_start(config)
+    data = cli.load_data(config.data_path)
+    cli.check_data_fits(config, len(data.train_images))
     try:
-        result = train(config)
+        with cli.removed_if_left_empty(Path(config.out)):
+            result = train(config, data=data)
     except KeyboardInterrupt as e:
         print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
         return 130
     except DivergenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the data is loaded: what fails now is reading or writing the run in --out
+        raise cli.UsageError(f"--out {config.out}: {cli.describe(e)}") from e
     if "test_err" in result:
         print(f"{result['name']}: {result['iterations']} iterations, train error {100 * result['train_err']:.2f}%, "
               f"{result['split']} error {100 * result['test_err']:.2f}% (out: {result['out']})")
@@ -112,4 +139,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from test_train import synthetic_cifar
 
-from tinyres.checkpoint import load_checkpoint
+from tinyres.checkpoint import load_checkpoint, save_checkpoint
 from tinyres.data import CLASSES
 from tinyres.train import TrainConfig, build_model, train
 
@@ -26,6 +26,9 @@ pytest.importorskip("matplotlib")
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+sys.path.insert(0, str(EXAMPLES))  # as when a script runs: the scripts share examples/cli.py
+UsageError = importlib.import_module("cli").UsageError
 
 
 def example(name: str):
@@ -158,9 +161,8 @@ def test_predict_needs_the_network(tmp_path, trained_runs, capsys):
     ckpt.write_bytes((trained_runs["resnet8"] / "checkpoint.npz").read_bytes())
     image = tmp_path / "x.png"
     Image.new("RGB", (32, 32)).save(image)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--depth"):
         predict.main([str(ckpt), str(image)])
-    assert "--depth" in capsys.readouterr().err
     mean = str(trained_runs["resnet8"] / "mean.npy")
     assert predict.main([str(ckpt), str(image), "--depth", "8", "--mean", mean]) == 0
 
@@ -196,9 +198,9 @@ def test_reproduce_trains_tabulates_and_plots(tmp_path, image_folder, capsys):
     assert "Tabulated from the finished runs' logs" in (out / "results.md").read_text()
     assert (out / "fig6.png").read_bytes()[:8] == PNG_MAGIC
     assert not (out / "resnet-20" / "checkpoint.npz").exists()
-    with pytest.raises(SystemExit, match="not a finished 4-iteration run of ResNet-20.*ends at iteration 2"):
+    with pytest.raises(UsageError, match="not a finished 4-iteration run of ResNet-20.*ends at iteration 2"):
         reproduce.main(["--nets", "resnet-20", "--iters", "4", "--out", str(out), "--report"])
-    with pytest.raises(SystemExit, match="not a finished 2-iteration run of ResNet-56.*no metrics.jsonl"):
+    with pytest.raises(UsageError, match="not a finished 2-iteration run of ResNet-56.*no metrics.jsonl"):
         reproduce.main(["--nets", "resnet-56", "--iters", "2", "--out", str(out), "--report"])
 
 
@@ -267,7 +269,8 @@ def test_train_cifar_ctrl_c_saves_and_resume_finishes(tmp_path, image_folder):
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     cmd = [sys.executable, str(EXAMPLES / "train_cifar.py"), "--depth", "8", "--data", str(image_folder),
            "--batch-size", "8", "--eval-every", "3", "--checkpoint-every", "1000000", "--out", str(out)]
-    child = subprocess.Popen([*cmd, "--iters", "100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    # no lr milestones: a milestone beyond the shorter --iters of the resumed run would be refused
+    child = subprocess.Popen([*cmd, "--iters", "100000", "--milestones"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     deadline = time.monotonic() + 60
     while child.poll() is None and not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
@@ -284,3 +287,193 @@ def test_train_cifar_ctrl_c_saves_and_resume_finishes(tmp_path, image_folder):
     assert done.returncode == 0, done.stderr
     assert f"resuming {out / 'checkpoint.npz'} at iteration {it}" in done.stderr
     assert f"ResNet-8: {it + 2} iterations" in done.stdout
+
+
+# ---- ordinary mistakes: one line on stderr, exit status 2, nothing left behind ------------
+
+def run_script(name: str, *args, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run examples/<name>.py in a fresh Python with `args`."""
+    return subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120, check=False, env={**os.environ, **(env or {})}, **kwargs)
+
+
+def assert_usage_error(done: subprocess.CompletedProcess, *names: str) -> str:
+    """The script failed with exit status 2 and one line on stderr that holds each of `names`; returns the line."""
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for name in names:
+        assert name in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--depth", "21"], "--depth"),
+    (["--iters", "0"], "--iters"),
+    (["--iters", "-5"], "--iters"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every"),
+    (["--iters", "100", "--milestones", "50", "150"], "--milestones"),
+    (["--data", "no-such-archive.tar.gz"], "no-such-archive.tar.gz"),
+])
+def test_train_cifar_refuses_bad_flags_and_writes_nothing(tmp_path, flags, named):
+    done = run_script("train_cifar", *flags, "--out", tmp_path / "runs" / "r", cwd=tmp_path)
+    assert_usage_error(done, named)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_cifar_refuses_a_corrupt_archive(tmp_path):
+    archive = tmp_path / "cifar.tar.gz"
+    archive.write_bytes(b"\x1f\x8b" + bytes(range(256)) * 4)
+    done = run_script("train_cifar", "--data", archive, "--iters", "2", "--out", tmp_path / "run")
+    assert_usage_error(done, "--data", str(archive))
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_cifar_refuses_an_unwritable_out(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    done = run_script("train_cifar", "--iters", "2", "--out", tmp_path / "a-file" / "run")
+    assert_usage_error(done, "--out", "a-file")
+
+
+def test_train_cifar_refuses_an_existing_run_without_resume(tmp_path, trained_runs):
+    done = run_script("train_cifar", "--depth", "8", "--iters", "2", "--out", trained_runs["resnet8"])
+    assert_usage_error(done, "--out", "--resume")
+
+
+def test_train_cifar_batch_larger_than_the_data(tmp_path, image_folder):
+    done = run_script("train_cifar", "--depth", "8", "--iters", "2", "--batch-size", "1000", "--data", image_folder,
+                      "--out", tmp_path / "run")
+    assert_usage_error(done, "--batch-size", "40 training images")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_start_leaves_no_empty_folder(tmp_path):
+    cli = importlib.import_module("cli")
+    run = tmp_path / "runs" / "r"
+    with pytest.raises(OSError), cli.removed_if_left_empty(run):
+        run.mkdir(parents=True)
+        raise OSError("failed before writing anything")
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(OSError), cli.removed_if_left_empty(run):
+        run.mkdir(parents=True)
+        (run / "config.json").write_text("{}")
+        raise OSError("failed after writing the config")
+    assert (run / "config.json").exists()  # kept: the failure left something worth looking at
+    with cli.removed_if_left_empty(tmp_path / "new"):
+        (tmp_path / "new").mkdir()
+    assert (tmp_path / "new").is_dir()
+
+
+def _limit_file_size():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # config and mean fit; a checkpoint does not
+
+
+def test_train_cifar_reports_a_failed_write_in_one_line(tmp_path, image_folder):
+    out = tmp_path / "run"
+    args = ["--depth", "8", "--iters", "2", "--batch-size", "8", "--data", image_folder, "--out", out, "--quiet"]
+    done = run_script("train_cifar", *args, preexec_fn=_limit_file_size)
+    line = assert_usage_error(done, f"--out {out}", "File too large")
+    assert "free" in line  # says what to do
+    debug = run_script("train_cifar", *args, "--resume", "--debug", preexec_fn=_limit_file_size)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_train_cifar_scales_the_milestones_with_iters():
+    train_cifar = example("train_cifar")
+    parse = train_cifar.build_parser().parse_args
+    assert train_cifar.config_from_args(parse(["--iters", "1000"])).milestones == (500, 750)
+    assert train_cifar.config_from_args(parse(["--schedule", "short", "--iters", "200"])).milestones == (150, 190)
+    assert train_cifar.config_from_args(parse(["--iters", "1000", "--milestones", "900"])).milestones == (900,)
+    assert "50%" in train_cifar.build_parser().format_help()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--iters", "0"], "--iters"),
+    (["--batch-size", "-1"], "--batch-size"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--nets", "resnet-21"], "--nets"),
+    (["--data", "no-such-archive.tar.gz"], "no-such-archive.tar.gz"),
+])
+def test_reproduce_refuses_bad_flags_and_writes_nothing(tmp_path, flags, named):
+    done = run_script("reproduce", *flags, "--out", tmp_path / "repro", cwd=tmp_path)
+    assert_usage_error(done, named)
+    assert not (tmp_path / "repro").exists()
+
+
+def without(tmp_path: Path, module: str) -> dict[str, str]:
+    """An environment in which `import module` fails as if it were not installed."""
+    blocker = tmp_path / "blocked"
+    blocker.mkdir(exist_ok=True)
+    (blocker / f"{module}.py").write_text(f"raise ImportError('No module named {module}')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
+
+
+@pytest.mark.parametrize("script", ["reproduce", "layer_responses"])
+def test_help_and_a_clear_error_without_matplotlib(tmp_path, script):
+    env = without(tmp_path, "matplotlib")
+    done = run_script(script, "--help", env=env)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+    args = ["--iters", "2", "--out", tmp_path / "o"] if script == "reproduce" else [tmp_path, "--out", tmp_path / "o.png"]
+    assert_usage_error(run_script(script, *args, env=env), "matplotlib", "[plot]")
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_help_without_pillow(tmp_path):
+    env = without(tmp_path, "PIL")
+    done = run_script("predict", "--help", env=env)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+    assert_usage_error(run_script("predict", tmp_path, "x.png", env=env), "Pillow", "[data]")
+
+
+@pytest.mark.parametrize("top", ["0", "-2", "11"])
+def test_predict_refuses_a_bad_top(tmp_path, top):
+    assert_usage_error(run_script("predict", tmp_path / "run", tmp_path / "x.png", "--top", top), "--top", top)
+
+
+def test_predict_refuses_non_finite_weights(tmp_path, trained_runs):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "mean.npy"):
+        (run / name).write_bytes((trained_runs["resnet8"] / name).read_bytes())
+    model = build_model(8)
+    load_checkpoint(trained_runs["resnet8"] / "checkpoint.npz", model)
+    model.fc.weight.data[0, 0] = np.nan
+    save_checkpoint(run / "checkpoint.npz", model)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert_usage_error(run_script("predict", run, image), str(run / "checkpoint.npz"), "not finite")
+
+
+def test_predict_refuses_a_file_that_is_not_an_image(tmp_path, trained_runs):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    missing = tmp_path / "missing.png"
+    assert_usage_error(run_script("predict", trained_runs["resnet8"], text), str(text))
+    assert_usage_error(run_script("predict", trained_runs["resnet8"], missing), str(missing))
+
+
+def test_predict_refuses_a_corrupt_checkpoint(tmp_path, trained_runs):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "mean.npy"):
+        (run / name).write_bytes((trained_runs["resnet8"] / name).read_bytes())
+    (run / "checkpoint.npz").write_bytes((trained_runs["resnet8"] / "checkpoint.npz").read_bytes()[:1000])
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert_usage_error(run_script("predict", run, image), str(run / "checkpoint.npz"))
+
+
+def test_readme_quickstart_installs_what_the_examples_import():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    quickstart = (REPO / "README.md").read_text().split("## Quickstart")[1].split("\n## ")[0]
+    named = re.search(r'pip install -e "\.\[([\w,]+)\]"', quickstart).group(1).split(",")
+    installed = " ".join(req for extra in named for req in extras[extra])
+    assert "pillow" in installed and "matplotlib" in installed
+    assert {"data", "plot", "dev", "cuda"} <= set(extras)
