@@ -2,11 +2,16 @@
 it is importable, in PyTorch with the same network and recipe.
 
     python benchmarks/train_step.py                       # ResNet-20 and -56, CPU, batch 128
+    python benchmarks/train_step.py --depth 20 --rounds 8 --threads 2   # the spread over 8 processes
     python benchmarks/train_step.py --depth 20 --device cuda
 
-Each (framework, depth) is measured in its own child process, so peak memory (RSS on the CPU,
-memory-pool bytes on the GPU) belongs to that measurement alone; frameworks alternate over
-`--rounds` rounds so that drift in machine load hits both alike. Reported times are medians.
+Each (framework, depth, thread count) is measured in its own fresh process, as a user runs one,
+so peak memory (RSS on the CPU, memory-pool bytes on the GPU) belongs to that measurement alone;
+the configurations alternate over `--rounds` rounds so that drift in machine load hits all alike.
+Reported: the median step over all processes, the spread of the per-process medians, and the
+slowest process against the median one (a program fast in one process and slow in the next has
+a bug). tinyres runs with each `--threads` count (default: all cores, then one); PyTorch with its own
+default (all cores).
 """
 
 from __future__ import annotations
@@ -146,14 +151,18 @@ def _memory(device: str, framework: str) -> dict:
 def _child(args) -> None:
     fn = measure_tinyres if args.framework == "tinyres" else measure_torch
     out = fn(args.depth[0], args.batch_size, args.steps, args.warmup, args.device)
+    if args.framework == "tinyres":
+        import tinyres
+        out["threads"] = tinyres.get_num_threads()
     print("RESULT " + json.dumps(out))
 
 
-def _run_child(framework: str, depth: int, args) -> dict | None:
+def _run_child(framework: str, threads: int | None, depth: int, args) -> dict | None:
     cmd = [sys.executable, __file__, "--child", "--framework", framework, "--depth", str(depth),
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, **({"TINYRES_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -175,7 +184,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per framework")
+    ap.add_argument("--rounds", type=int, default=2, help="fresh processes per configuration, alternating")
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="tinyres thread counts to time (default: all cores, then 1)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--json", help="also write the results to this file")
@@ -185,39 +196,53 @@ def main() -> None:
     if args.child:
         return _child(args)
 
-    frameworks = ["tinyres"] + ([] if args.no_torch or not _have_torch() else ["torch"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = args.threads or ([cores, 1] if args.device == "cpu" and cores > 1 else [cores])
+    configs = [("tinyres", t) for t in (threads if args.device == "cpu" else [None])]
+    configs += [] if args.no_torch or not _have_torch() else [("torch", None)]
     print(f"# {datetime.date.today()} | {platform.processor() or platform.machine()} | "
-          f"{os.cpu_count()} cores | Python {platform.python_version()} | NumPy {np.__version__} | "
-          f"device {args.device} | batch {args.batch_size}")
+          f"{cores} cores | Python {platform.python_version()} | NumPy {np.__version__} | "
+          f"device {args.device} | batch {args.batch_size} | {args.rounds} processes each")
     rows = []
     for depth in args.depth:
-        runs: dict[str, list[dict]] = {f: [] for f in frameworks}
+        runs: dict[tuple, list[dict]] = {c: [] for c in configs}
         for _ in range(args.rounds):
-            for f in frameworks:
-                r = _run_child(f, depth, args)
+            for c in configs:
+                r = _run_child(*c, depth, args)
                 if r:
-                    runs[f].append(r)
-        for f in frameworks:
-            if not runs[f]:
-                continue
-            fwd = statistics.median(t for r in runs[f] for t in r["fwd"])
-            bwd = statistics.median(t for r in runs[f] for t in r["bwd"])
-            step = statistics.median(a + b for r in runs[f] for a, b in zip(r["fwd"], r["bwd"]))
-            peak = max(r["peak_mb"] for r in runs[f])
-            rows.append({"depth": depth, "framework": f, "fwd_s": fwd, "bwd_s": bwd, "step_s": step,
-                         "img_per_s": args.batch_size / step, "peak_mb": peak,
-                         "dtypes": runs[f][0]["dtypes"], "version": runs[f][0].get("version", "")})
-    mem = "peak RSS MB" if args.device == "cpu" else "peak pool MB"
-    print(f"| net | framework | forward s | backward+update s | step s | images/s | {mem} | dtypes | vs PyTorch |")
-    print("|---|---|---|---|---|---|---|---|---|")
+                    runs[c].append(r)
+        rows += [_summary(depth, framework, rs, args.batch_size) for (framework, _), rs in runs.items() if rs]
+    _print_table(rows, args.device)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def _summary(depth: int, framework: str, runs: list[dict], batch: int) -> dict:
+    """One table row from the processes of one configuration."""
+    steps = [a + b for r in runs for a, b in zip(r["fwd"], r["bwd"])]
+    per_process = [statistics.median(a + b for a, b in zip(r["fwd"], r["bwd"])) for r in runs]
+    step = statistics.median(steps)
+    return {"depth": depth, "framework": framework, "threads": runs[0].get("threads"),
+            "fwd_s": statistics.median(t for r in runs for t in r["fwd"]),
+            "bwd_s": statistics.median(t for r in runs for t in r["bwd"]), "step_s": step,
+            "process_step_s": per_process, "slowest_over_median": max(per_process) / statistics.median(per_process),
+            "img_per_s": batch / step, "peak_mb": max(r["peak_mb"] for r in runs),
+            "dtypes": runs[0]["dtypes"], "version": runs[0].get("version", "")}
+
+
+def _print_table(rows: list[dict], device: str) -> None:
+    mem = "peak RSS MB" if device == "cpu" else "peak pool MB"
+    print(f"| net | framework | threads | forward s | backward+update s | step s | processes' steps s | "
+          f"slowest / median | images/s | {mem} | dtypes | vs PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next((q for q in rows if q["depth"] == r["depth"] and q["framework"] == "torch"), None)
         ratio = f"{r['step_s'] / ref['step_s']:.2f}x" if ref and r["framework"] == "tinyres" else ""
         name = r["framework"] + (f" {r['version']}" if r["version"] else "")
-        print(f"| ResNet-{r['depth']} | {name} | {r['fwd_s']:.3f} | {r['bwd_s']:.3f} | {r['step_s']:.3f} | "
-              f"{r['img_per_s']:.0f} | {r['peak_mb']:.0f} | {','.join(r['dtypes'])} | {ratio} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        spread = f"{min(r['process_step_s']):.3f}–{max(r['process_step_s']):.3f}"
+        print(f"| ResNet-{r['depth']} | {name} | {r['threads'] or ''} | {r['fwd_s']:.3f} | {r['bwd_s']:.3f} | "
+              f"{r['step_s']:.3f} | {spread} | {r['slowest_over_median']:.2f} | {r['img_per_s']:.0f} | "
+              f"{r['peak_mb']:.0f} | {','.join(r['dtypes'])} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,28 +29,33 @@ def table_rows(out: str, first_cell: str) -> list[list[str]]:
 def test_train_step_times_a_step_in_float32(tmp_path):
     path = tmp_path / "result.json"
     out = run("train_step.py", "--depth", "8", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-              "--rounds", "1", "--no-torch", "--json", str(path))
-    (row,) = json.loads(path.read_text())
-    assert row["framework"] == "tinyres" and row["depth"] == 8
-    assert row["dtypes"] == ["float32"]  # every parameter gradient and the loss
-    assert 0 < row["fwd_s"] < row["step_s"] and row["peak_mb"] > 0
-    assert row["img_per_s"] == pytest.approx(8 / row["step_s"])
-    (cells,) = table_rows(out, "ResNet-8")
-    assert cells[1] == "tinyres" and float(cells[4]) == pytest.approx(row["step_s"], abs=1e-3)
+              "--rounds", "2", "--threads", "2", "1", "--no-torch", "--json", str(path))
+    two, one = json.loads(path.read_text())
+    for row, threads in ((two, 2), (one, 1)):
+        assert row["framework"] == "tinyres" and row["depth"] == 8 and row["threads"] == threads
+        assert row["dtypes"] == ["float32"]  # every parameter gradient and the loss
+        assert 0 < row["fwd_s"] < row["step_s"] and row["peak_mb"] > 0
+        assert row["img_per_s"] == pytest.approx(8 / row["step_s"])
+        assert len(row["process_step_s"]) == 2  # one median per fresh process
+        assert row["slowest_over_median"] == pytest.approx(max(row["process_step_s"]) / np.median(row["process_step_s"]))
+    cells = table_rows(out, "ResNet-8")
+    assert [(c[1], c[2]) for c in cells] == [("tinyres", "2"), ("tinyres", "1")]
+    assert float(cells[0][5]) == pytest.approx(two["step_s"], abs=1e-3)
+    assert cells[0][6] == f"{min(two['process_step_s']):.3f}–{max(two['process_step_s']):.3f}"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
 def test_train_step_compares_with_pytorch_in_the_same_run(tmp_path):
     path = tmp_path / "result.json"
     out = run("train_step.py", "--depth", "8", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-              "--rounds", "1", "--json", str(path))
+              "--rounds", "1", "--threads", "1", "--json", str(path))
     rows = table_rows(out, "ResNet-8")
     assert [r[1].split()[0] for r in rows] == ["tinyres", "torch"]
     # the printed step times are rounded to the millisecond, too coarse at this size: take the
     # unrounded ones from the JSON; the ratio itself is printed to two decimals
     tinyres_row, torch_row = json.loads(path.read_text())
     assert (tinyres_row["framework"], torch_row["framework"].split()[0]) == ("tinyres", "torch")
-    ratio = float(rows[0][8].rstrip("x"))
+    ratio = float(rows[0][11].rstrip("x"))
     assert ratio == pytest.approx(tinyres_row["step_s"] / torch_row["step_s"], abs=0.006)
 
 
