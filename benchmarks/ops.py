@@ -2,7 +2,10 @@
 with the achieved GFLOP/s of the convolutions, to show where a training step's time goes; on
 the CPU, also the convolutions' GEMMs alone, the floor of an im2col convolution on this BLAS.
 
-    python benchmarks/ops.py [--device cpu|cuda] [--batch-size 128]
+    python benchmarks/ops.py [--device cpu|cuda] [--batch-size 128] [--threads N]
+
+Ops run at the thread count training uses (all cores, or `--threads`); the GEMM table times the
+GEMMs alone on one thread, as each of the kernels' threads runs them.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def bench(name, make_inputs, op, flops, device, per_step):
         gy = tinyres.Tensor(gy.data.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)) if gy.ndim == 4 else gy
     tf = timeit(fwd, device)
     tb = timeit(bwd, device, setup=graph)
-    gf = f"{flops / tf / 1e9:.0f} / {2 * flops / tb / 1e9:.0f}" if flops else ""
+    gf = f"{flops / tf / 1e9:.3g} / {2 * flops / tb / 1e9:.3g}" if flops else ""
     print(f"| {name} | {tf * 1e3:.2f} | {tb * 1e3:.2f} | {gf} | {per_step} | {(tf + tb) * per_step * 1e3:.0f} |")
     return (tf + tb) * per_step
 
@@ -82,8 +85,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores, as in training)")
     args = ap.parse_args()
     dev, n = args.device, args.batch_size
+    if args.threads:
+        tinyres.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
 
     def t(*shape, grad=True, channels_last=True):
@@ -93,7 +99,7 @@ def main():
         return tinyres.tensor(a, requires_grad=grad, device=dev)
 
     print(f"# {datetime.date.today()} | {platform.processor() or platform.machine()} | {os.cpu_count()} cores | "
-          f"NumPy {np.__version__} | device {dev} | batch {n}")
+          f"NumPy {np.__version__} | device {dev} | batch {n} | {tinyres.get_num_threads()} threads")
     print("| op (ResNet-20 shape) | forward ms | backward ms | GFLOP/s fwd / bwd | per step | ms per step |")
     print("|---|---|---|---|---|---|")
     total = 0.0
@@ -150,7 +156,7 @@ def gemm_floor(n):
     """The GEMMs alone of every conv in a ResNet-20 step, in the chunks conv2d uses: the time
     an im2col convolution cannot go below on this BLAS, whatever the rest costs."""
     print()
-    print("| conv GEMMs alone (ResNet-20 shape) | forward ms | backward ms | GFLOP/s fwd / bwd | per step "
+    print("| conv GEMMs alone, one thread (ResNet-20 shape) | forward ms | backward ms | GFLOP/s fwd / bwd | per step "
           "| ms per step |")
     print("|---|---|---|---|---|---|")
     total = 0.0
@@ -159,7 +165,7 @@ def gemm_floor(n):
         flops = 2 * n * (hw // stride) ** 2 * c * c_in * 9
         bwd_flops = flops * (2 if c_in != 3 else 1)
         print(f"| conv2d {c_in}->{c} 3x3/{stride} on {hw}x{hw} | {tf * 1e3:.2f} | {tb * 1e3:.2f} | "
-              f"{flops / tf / 1e9:.0f} / {bwd_flops / tb / 1e9:.0f} | {count} | {(tf + tb) * count * 1e3:.0f} |")
+              f"{flops / tf / 1e9:.3g} / {bwd_flops / tb / 1e9:.3g} | {count} | {(tf + tb) * count * 1e3:.0f} |")
         total += (tf + tb) * count
     print(f"| **GEMMs of one ResNet-20 step** | | | | | {total * 1e3:.0f} |")
 
