@@ -556,8 +556,12 @@ def test_conv2d_errors_name_the_op_and_shapes(device):
         F.conv2d(leaf(np.ones((3, 4, 4)), device), leaf(np.ones((2, 3, 3, 3)), device))
     with pytest.raises(ValueError, match=r"conv2d: bias shape \(3,\) should be \(2,\)"):
         F.conv2d(x, leaf(np.ones((2, 3, 3, 3)), device), leaf(np.ones(3), device))
-    with pytest.raises(ValueError, match=r"conv2d: stride"):
+    with pytest.raises(ValueError, match=r"conv2d: stride must be >= 1, got 0"):
         F.conv2d(x, leaf(np.ones((2, 3, 3, 3)), device), stride=0)
+    with pytest.raises(ValueError, match=r"conv2d: padding must be >= 0, got -1$"):
+        F.conv2d(x, leaf(np.ones((2, 3, 3, 3)), device), padding=-1)
+    with pytest.raises(ValueError, match=r"conv2d: padding must be an int or a pair of ints, got 1.5"):
+        F.conv2d(x, leaf(np.ones((2, 3, 3, 3)), device), padding=1.5)
 
 
 def test_pool_errors_name_the_op_and_shapes(device):
@@ -568,6 +572,10 @@ def test_pool_errors_name_the_op_and_shapes(device):
         F.avg_pool2d(x, 3, padding=2)
     with pytest.raises(ValueError, match=r"max_pool2d: expected input \(N, C, H, W\), got \(2, 3, 3\)"):
         F.max_pool2d(leaf(np.ones((2, 3, 3)), device), 2)
+    with pytest.raises(ValueError, match=r"max_pool2d: kernel_size must be >= 1, got 0"):
+        F.max_pool2d(x, kernel_size=0)
+    with pytest.raises(ValueError, match=r"avg_pool2d: stride must be >= 1, got \(1, 0\)"):
+        F.avg_pool2d(x, 2, stride=(1, 0))
 
 
 def test_linear_and_loss_errors_name_the_op_and_shapes(device, xp):
@@ -578,8 +586,22 @@ def test_linear_and_loss_errors_name_the_op_and_shapes(device, xp):
         F.cross_entropy(logits, xp.asarray(np.array([0, 1, 2])))
     with pytest.raises(TypeError, match=r"cross_entropy: target must hold integer class indices, got float"):
         F.cross_entropy(logits, xp.asarray(np.array([0.0, 1.0])))
-    with pytest.raises(ValueError, match=r"cross_entropy: target values must lie in \[0, 3\)"):
-        F.cross_entropy(logits, xp.asarray(np.array([0, 3])))
+    if device == "cpu":  # on a GPU the check would stall the device every step
+        with pytest.raises(ValueError, match=r"cross_entropy: target values must lie in \[0, 3\)"):
+            F.cross_entropy(logits, xp.asarray(np.array([0, 3])))
+    with pytest.raises(ValueError, match=r"cross_entropy: empty batch \(logits \(0, 3\)\)"):
+        F.cross_entropy(leaf(np.ones((0, 3)), device), xp.asarray(np.array([], np.int64)))
+
+
+def test_operands_on_another_device_are_a_clear_error(device, xp):
+    if device == "cpu":
+        pytest.skip("needs a second device")
+    logits = leaf(np.ones((2, 3)), device)
+    with pytest.raises(RuntimeError, match=r"cross_entropy: target is on cpu, logits on cuda"):
+        F.cross_entropy(logits, np.array([0, 1]))
+    x = leaf(np.ones((2, 3, 4, 4)), device)
+    with pytest.raises(ValueError, match=r"batch_norm: running_mean must be \(3,\) on cuda .* on cpu"):
+        F.batch_norm(x, np.zeros(3), xp.ones(3), training=True)
 
 
 def test_batch_norm_errors_name_the_op_and_shapes(device):
