@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -302,19 +303,36 @@ class FakeTTY(io.StringIO):
         return True
 
 
-def test_progress_line_on_terminal_and_in_logs():
+def test_progress_lines_in_a_log_and_a_bar_on_a_terminal():
     log = io.StringIO()
-    p = Progress(100, stream=log)
-    p.update(10, 0.1, 2.0, 0.8, 1234.0, 65.0)
+    p = Progress(100, stream=log, batch_size=128)
+    for it in range(1, 10):
+        p.update(it)
+    assert log.getvalue() == ""
+    p.set_stats(0.1, 2.0, 0.8)
+    p.update(10)  # the first line comes early, so that a log shows a run is alive
     p.log("evaluation 1")
     p.close()
-    assert log.getvalue() == "evaluation 1\n"  # not a terminal: only the evaluations, one line each
+    first, second = log.getvalue().splitlines()
+    assert first.startswith("iter 10/100  lr 0.1  loss 2.0000  train err 80.00%") and "img/s  ETA " in first
+    assert second == "evaluation 1"
 
     tty = FakeTTY()
     p = Progress(100, stream=tty)
-    p.update(10, 0.1, 2.0, 0.8, 1234.0, 65.0)
+    p.set_stats(0.1, 2.0, 0.8)
+    p.update(10)
     p.log("evaluation 1")
     p.close()
     text = tty.getvalue()
-    assert text.startswith("\r") and "iter 10/100" in text and "train err 80.00%" in text
-    assert "1,234 img/s" in text and "ETA 01:05" in text and "evaluation 1\n" in text
+    if p.tty and importlib.util.find_spec("tqdm"):  # a tqdm bar, redrawn in place
+        assert "10/100" in text and "\r" in text and "train err 80.00%" in text
+    assert "evaluation 1\n" in text
+
+
+def test_eta_leaves_out_the_time_spent_evaluating():
+    p = Progress(100, stream=io.StringIO())
+    p.update(1)
+    time.sleep(0.3)  # an evaluation
+    p.pause()
+    p.update(2)
+    assert p.train_seconds < 0.2
