@@ -2,9 +2,11 @@
 
     python examples/plot_curves.py runs/plain20 runs/plain56 runs/r20 runs/r56 --out fig6.png
 
-Each argument is a run directory written by `train_cifar.py` (its metrics.jsonl and config.json).
-Dashed thin lines are training error, bold lines test error; one colour per depth; plain nets
-on the left, ResNets on the right.
+Each argument is a run directory written by `train_cifar.py`. As in the paper, thin dashed lines are
+training error, drawn densely from train_log.jsonl (one point per `log_every` iterations; runs
+older than that file fall back to the training error of each evaluation in metrics.jsonl), and
+bold lines are test error from metrics.jsonl; one colour per depth; plain nets on the left,
+ResNets on the right.
 """
 
 from __future__ import annotations
@@ -24,20 +26,33 @@ DEPTH_COLORS = {20: "#f0a30a", 32: "#1f77b4", 44: "#2ca02c", 56: "#d62728", 110:
 FALLBACK_COLORS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines log, stopping at a last line cut short by a kill (empty if no file)."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
 def load_run(run_dir: str | Path) -> dict[str, Any]:
-    """A run's label, depth, plain flag and metrics rows, read from its directory."""
+    """A run's label, depth, plain flag, evaluation rows and (possibly empty) dense training rows."""
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a last line cut short by a kill
-            break
     depth, plain = int(config["depth"]), bool(config.get("plain", False))
     shortcut = str(config.get("shortcut", "A")).upper()
     label = f"plain-{depth}" if plain else f"ResNet-{depth}" + ("" if shortcut == "A" else f" ({shortcut})")
-    return {"label": label, "depth": depth, "plain": plain, "rows": rows, "dir": str(run_dir)}
+    return {"label": label, "depth": depth, "plain": plain, "rows": read_rows(run_dir / "metrics.jsonl"),
+            "train_rows": read_rows(run_dir / "train_log.jsonl"), "dir": str(run_dir)}
+
+
+def training_curve(run: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """(iterations, training error %): the dense log when the run has one, else the evaluation rows."""
+    rows = run["train_rows"] or run["rows"]
+    return [r["iter"] for r in rows], [100 * r["train_err"] for r in rows]
 
 
 def _color(depth: int, used: dict[int, str]) -> str:
@@ -56,12 +71,11 @@ def plot_curves(run_dirs: list[str | Path], out: str | Path = "fig6.png", ymax: 
     for ax, plain in zip(axes, (True, False)):
         group = [r for r in runs if r["plain"] == plain and r["rows"]]
         for r in group:
-            its = [row["iter"] for row in r["rows"]]
-            train_err = [100 * row["train_err"] for row in r["rows"]]
-            test_err = [100 * row["test_err"] for row in r["rows"]]
+            train_its, train_err = training_curve(r)
+            test_its, test_err = [row["iter"] for row in r["rows"]], [100 * row["test_err"] for row in r["rows"]]
             c = _color(r["depth"], colors)
-            ax.plot(its, train_err, "--", color=c, linewidth=0.9)
-            ax.plot(its, test_err, "-", color=c, linewidth=2.2, label=r["label"])
+            ax.plot(train_its, train_err, "--", color=c, linewidth=0.7)
+            ax.plot(test_its, test_err, "-", color=c, linewidth=2.2, label=r["label"])
             top = max(top, *train_err, *test_err)
         split = group[0]["rows"][-1].get("split", "test") if group else "test"
         ax.set_title("plain networks" if plain else "residual networks (ResNets)")
@@ -84,7 +98,7 @@ def plot_curves(run_dirs: list[str | Path], out: str | Path = "fig6.png", ymax: 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run dirs in, PNG out."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl and config.json")
+    p.add_argument("runs", nargs="+", help="run directories holding config.json, metrics.jsonl and train_log.jsonl")
     p.add_argument("--out", default="fig6.png", help="the PNG to write")
     p.add_argument("--ymax", type=float, default=None, help="top of the error axis in %% (default: fit the data)")
     args = p.parse_args(argv)

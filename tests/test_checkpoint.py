@@ -9,7 +9,10 @@ import pytest
 
 import tinyres
 from tinyres import nn, optim
+from tinyres.atomic import AtomicWriteError
 from tinyres.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyres.checkpoint import load as tinyres_load
+from tinyres.checkpoint import save as tinyres_save
 from tinyres.nn import functional as F
 from tinyres.nn import init
 
@@ -170,3 +173,53 @@ def test_corrupted_bytes_are_refused(saved, tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(bytes(data))
     check_refused(bad, "truncated or corrupt")
+
+
+def test_missing_metadata_key_is_named(saved, tmp_path):
+    bad = tmp_path / "bad.npz"
+
+    def drop_optimizer_type(arrays):
+        meta = json.loads(arrays["meta"].tobytes())
+        del meta["optimizer"]["type"]
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+    rewrite(saved, bad, drop_optimizer_type)
+    check_refused(bad, "metadata has no 'type'")
+
+
+def test_saving_into_a_missing_folder_is_one_clear_error(tmp_path):
+    path = tmp_path / "gone" / "ckpt.npz"
+    with pytest.raises(AtomicWriteError, match=f"cannot write {path}") as info:
+        save_checkpoint(path, tiny_net(0))
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+# ---- tinyres.save / tinyres.load -------------------------------------------------------------
+
+def test_save_and_load_state_dicts_round_trip(tmp_path):
+    model, opt, sched = training_run(seed=0)
+    train(model, opt, sched, BATCHES[:2])
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "step": np.int64(2), "note": None}
+    path = tmp_path / "state.npz"
+    tinyres_save(state, path)
+    back = tinyres_load(path)
+    assert_same_state(back["model"], model.state_dict())
+    assert back["optimizer"]["param_groups"] == opt.state_dict()["param_groups"]
+    assert list(back["optimizer"]["state"]) == list(opt.state_dict()["state"]) == [0, 1, 2, 3, 4]  # ints stay ints
+    assert back["scheduler"] == sched.state_dict() and back["step"] == 2 and back["note"] is None
+
+    model2, opt2, sched2 = training_run(seed=1)
+    model2.load_state_dict(back["model"])
+    opt2.load_state_dict(back["optimizer"])
+    sched2.load_state_dict(back["scheduler"])
+    np.testing.assert_array_equal(opt2.state[0]["momentum_buffer"], opt.state[0]["momentum_buffer"])
+    with np.load(path, allow_pickle=False) as z:  # plain arrays only: loading runs no code
+        assert all(z[k].dtype != object for k in z.files)
+
+
+def test_save_refuses_objects_and_load_refuses_other_files(tmp_path, saved):
+    with pytest.raises(TypeError, match="cannot store a object"):
+        tinyres_save({"bad": object()}, tmp_path / "x.npz")
+    with pytest.raises(CheckpointError, match="not a file written by tinyres.save"):
+        tinyres_load(saved)

@@ -189,10 +189,26 @@ def test_load_state_dict_non_strict_reports_keys_but_still_refuses_wrong_shapes(
 
 # ---- layers -------------------------------------------------------------------------------
 
-def test_layers_call_functional(device):
+def conv2d_by_loops(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, padding: int) -> np.ndarray:
+    """A convolution written out position by position in float64: the definition, independent of im2col."""
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    k = w.shape[2]
+    oh = (xp.shape[2] - k) // stride + 1
+    ow = (xp.shape[3] - k) // stride + 1
+    y = np.empty((x.shape[0], w.shape[0], oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            patch = xp[:, :, i * stride:i * stride + k, j * stride:j * stride + k]
+            y[:, :, i, j] = np.einsum("nchw,ochw->no", patch, w.astype(np.float64)) + b
+    return y
+
+
+def test_layers_compute_their_definitions(device):
     x = images(device=device)
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1).to(device)
-    np.testing.assert_array_equal(conv(x).numpy(), F.conv2d(x, conv.weight, conv.bias, 2, 1).numpy())
+    nn.init.uniform_(conv.bias, -1, 1)  # a non-zero bias, so that adding it is checked too
+    expected = conv2d_by_loops(x.numpy(), conv.weight.numpy(), conv.bias.numpy(), stride=2, padding=1)
+    np.testing.assert_allclose(conv(x).numpy(), expected, rtol=1e-5, atol=1e-5)
     assert conv(x).shape == (4, 5, 3, 3)
     assert nn.MaxPool2d(2)(x).shape == (4, 3, 3, 3)
     assert nn.AvgPool2d(3, stride=1, padding=1)(x).shape == (4, 3, 6, 6)
@@ -270,3 +286,38 @@ def test_initializers(device):
     assert not init.zeros_(t).numpy().any() and np.all(init.ones_(t).numpy() == 1)
     with pytest.raises(ValueError, match="mode"):
         init.kaiming_normal_(t, mode="fan_avg")
+
+
+def test_cross_entropy_loss_module_matches_the_definition(device):
+    logits = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+    target = np.array([0, 3, 1, 1, 2])
+    loss = nn.CrossEntropyLoss()(tinyres.tensor(logits, device=device), tinyres.tensor(target, device=device))
+    z = logits.astype(np.float64)
+    expected = np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(5), target])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+# ---- hooks ---------------------------------------------------------------------------------
+
+def test_forward_hooks_see_inputs_and_outputs_and_can_be_removed():
+    net = Net().eval()
+    seen = []
+    handle = net.bn1.register_forward_hook(lambda m, inputs, output: seen.append((m, inputs[0].shape, output.shape)))
+    x = images()
+    net(x)
+    assert seen == [(net.bn1, (4, 4, 6, 6), (4, 4, 6, 6))]
+    handle.remove()
+    net(x)
+    assert len(seen) == 1  # removed: not called again
+    handle.remove()  # a second remove is harmless
+
+
+def test_forward_hooks_can_replace_inputs_and_outputs():
+    relu = nn.ReLU()
+    x = tinyres.tensor([-1.0, 2.0])
+    pre = relu.register_forward_pre_hook(lambda m, inputs: (inputs[0] * -1,))
+    post = relu.register_forward_hook(lambda m, inputs, output: output + 10)
+    np.testing.assert_array_equal(relu(x).numpy(), [11.0, 10.0])  # relu(-x) + 10
+    pre.remove()
+    post.remove()
+    np.testing.assert_array_equal(relu(x).numpy(), [0.0, 2.0])

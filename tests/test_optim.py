@@ -99,6 +99,30 @@ def test_sgd_rejects_bad_settings():
         optim.SGD([], lr=0.1)
 
 
+def test_momentum_buffers_follow_the_parameters_to_another_device(device, xp):
+    """Steps taken on the CPU, then the module moves: the next step finds the buffers where the weights are."""
+    model = nn.Linear(3, 2)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = tinyres.tensor(np.ones(p.shape, dtype=np.float32))
+        opt.step()
+    model.to(device)
+    for p in model.parameters():
+        p.grad = tinyres.tensor(np.ones(p.shape, dtype=np.float32), device=device)
+    opt.step()  # mixing a CPU buffer with GPU weights would raise here
+    assert all(type(s["momentum_buffer"]) is xp.ndarray for s in opt.state.values())
+    # the buffer is 1 + 0.9 + 0.81 after three unit gradients, wherever it lives
+    np.testing.assert_allclose(opt.state_dict()["state"][0]["momentum_buffer"], np.full((2, 3), 2.71), rtol=1e-6)
+
+
+def test_lr_scheduler_namespace_as_in_pytorch():
+    from tinyres.optim.lr_scheduler import MultiStepLR
+
+    assert optim.lr_scheduler.MultiStepLR is MultiStepLR is optim.MultiStepLR
+    assert optim.lr_scheduler.WarmupLR is optim.WarmupLR and optim.lr_scheduler.LRScheduler is optim.LRScheduler
+
+
 def test_optimizer_state_dict_round_trip():
     params = [scalar_param(1.0), nn.Parameter(tinyres.zeros(2, 3))]
     opt = optim.SGD(params, lr=0.1, momentum=0.9)

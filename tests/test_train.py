@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +19,25 @@ import numpy as np
 import pytest
 from conftest import real_cifar10
 
+import tinyres
+import tinyres.train
 from tinyres import cuda_available
-from tinyres.checkpoint import load_checkpoint
+from tinyres.atomic import AtomicWriteError
+from tinyres.checkpoint import CheckpointError, load_checkpoint
 from tinyres.data import CIFAR10, CLASSES
-from tinyres.train import DivergenceError, Progress, TrainConfig, build_model, evaluate, read_metrics, train
+from tinyres.run import Run, StopRequest
+from tinyres.train import (
+    DivergenceError,
+    Progress,
+    TrainConfig,
+    build_model,
+    default_eval_every,
+    evaluate,
+    load_run_config,
+    read_metrics,
+    read_train_log,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_THREAD = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -97,7 +115,11 @@ import numpy as np
 from tinyres.data import CIFAR10
 from tinyres.train import TrainConfig, train
 arrays = np.load(sys.argv[1])
-train(TrainConfig(**json.loads(sys.argv[2])), data=CIFAR10(**{{k: arrays[k] for k in arrays.files}}, source="npz"))
+try:
+    train(TrainConfig(**json.loads(sys.argv[2])), data=CIFAR10(**{{k: arrays[k] for k in arrays.files}}, source="npz"))
+except KeyboardInterrupt as e:
+    print(e, file=sys.stderr)
+    sys.exit(130)
 """
 
 
@@ -163,7 +185,7 @@ def test_evaluate_uses_eval_mode_and_restores_training(tiny_data):
 
 
 def test_run_directory_contents(tmp_path, tiny_data):
-    config = tiny_config(tmp_path / "run", val_split=True, val_size=32)
+    config = tiny_config(tmp_path / "run", val_split=True, val_size=32, log_every=5)
     result = train(config, data=tiny_data)
     run = tmp_path / "run"
     saved = json.loads((run / "config.json").read_text())
@@ -175,8 +197,12 @@ def test_run_directory_contents(tmp_path, tiny_data):
     assert all(r["split"] == "val" for r in rows)
     assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.1, 0.01])  # /10 from iteration 9 (0-based)
     assert result["test_err"] == rows[-1]["test_err"] and result["params"] > 0
+    dense = read_train_log(run)
+    assert [r["iter"] for r in dense] == [5, 10, 12]  # every log_every, and the end
+    assert set(dense[0]) == {"iter", "lr", "train_loss", "train_err", "elapsed"}
+    assert 0 <= dense[0]["train_err"] <= 1 and dense[-1]["lr"] == pytest.approx(0.01)
     # resuming a finished run does nothing and returns its results
-    again = train(tiny_config(run, val_split=True, val_size=32, resume=True), data=tiny_data)
+    again = train(tiny_config(run, val_split=True, val_size=32, log_every=5, resume=True), data=tiny_data)
     assert again["history"] == rows
 
 
@@ -186,6 +212,7 @@ def test_run_directory_contents(tmp_path, tiny_data):
                          ids=["multistep", "warmup", "prefetch"])
 def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, tiny_data, options):
     """Ctrl-C at iteration 7 saves; resuming ends with bitwise the parameters of an unbroken run."""
+    options = {"log_every": 3, **options}
     whole = tiny_config(tmp_path / "whole", **options)
     train(whole, data=tiny_data)
 
@@ -204,8 +231,15 @@ def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, tiny_data, options):
     assert result["iterations"] == 12
     assert_same_state(final_state(tmp_path / "broken", broken), final_state(tmp_path / "whole", whole))
     # the logged metrics match too (the training averages span the interruption)
-    strip = [{k: v for k, v in r.items() if k != "elapsed"} for r in read_metrics(tmp_path / "broken")]
-    assert strip == [{k: v for k, v in r.items() if k != "elapsed"} for r in read_metrics(tmp_path / "whole")]
+    assert_same_logs(tmp_path / "broken", tmp_path / "whole")
+
+
+def assert_same_logs(run: Path, reference: Path) -> None:
+    """The evaluations and the dense training curve of two runs agree row for row (but for wall time)."""
+    for read in (read_metrics, read_train_log):
+        strip = [{k: v for k, v in r.items() if k != "elapsed"} for r in read(run)]
+        assert strip == [{k: v for k, v in r.items() if k != "elapsed"} for r in read(reference)]
+        assert strip
 
 
 def test_deep_nets_warm_up(tmp_path, tiny_data):
@@ -262,6 +296,142 @@ def test_sigkill_at_random_moments_never_corrupts_the_checkpoint(tmp_path, tiny_
     assert [r["iter"] for r in read_metrics(ckpt.parent)] == [5, 10, 15, 20, 25, 30, 35, 40]
 
 
+def test_sigterm_saves_and_resuming_is_exact(tmp_path, tiny_data):
+    """A real process sent SIGTERM saves a checkpoint and says where; resuming it equals an unbroken run."""
+    run = tmp_path / "termed"
+    command = child_command(tmp_path, tiny_data, tiny_config(run, iters=100_000, log_every=2, eval_every=4))
+    child = subprocess.Popen(command, env=ONE_THREAD, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while child.poll() is None and not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert "SIGTERM: interrupted at iteration" in err and f"checkpoint saved to {run / 'checkpoint.npz'}" in err
+    it = load_checkpoint(run / "checkpoint.npz", build_model(8))["iteration"]
+    assert it >= 4
+
+    # both in child processes with one BLAS thread, so that the arithmetic is the same
+    run_child(child_command(tmp_path, tiny_data, tiny_config(run, iters=it + 3, log_every=2, eval_every=4,
+                                                             resume=True)), ONE_THREAD)
+    whole = tiny_config(tmp_path / "whole", iters=it + 3, log_every=2, eval_every=4)
+    run_child(child_command(tmp_path, tiny_data, whole), ONE_THREAD)
+    assert load_checkpoint(run / "checkpoint.npz", build_model(8))["iteration"] == it + 3
+    assert_same_state(final_state(run, whole), final_state(tmp_path / "whole", whole))
+    assert_same_logs(run, tmp_path / "whole")
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_data, capsys):
+    def press_ctrl_c(it: int, loss: float) -> None:
+        if it == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(run), data=tiny_data, on_iteration=press_ctrl_c)  # saves at 5, then at 7
+    newest, previous = run / "checkpoint.npz", run / "checkpoint-prev.npz"
+    assert load_checkpoint(previous, build_model(8))["iteration"] == 5
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short, as by a full disk
+
+    capsys.readouterr()
+    train(tiny_config(run, resume=True, progress=True), data=tiny_data)
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "resuming" in line]
+    assert len(said) == 1 and str(newest) in said[0] and "truncated or corrupt" in said[0]
+    assert f"resuming {previous} at iteration 5" in said[0]
+    whole = tiny_config(tmp_path / "whole")
+    train(whole, data=tiny_data)
+    assert_same_state(final_state(run, whole), final_state(tmp_path / "whole", whole))
+    assert_same_logs(run, tmp_path / "whole")
+
+
+def test_checkpoints_follow_the_clock_unless_checkpoint_every_is_set(tmp_path, tiny_data):
+    assert TrainConfig().checkpoint_every is None and TrainConfig().checkpoint_minutes == 10
+
+    def saved_iteration(run: Path) -> int | None:
+        path = run / "checkpoint.npz"
+        return load_checkpoint(path, build_model(8))["iteration"] if path.exists() else None
+
+    for minutes, expected in ((0.0, [None, 1, 2, 3]), (60.0, [None, None, None, None])):
+        run = tmp_path / f"every-{minutes}"
+        seen = []
+        train(tiny_config(run, iters=5, checkpoint_every=None, checkpoint_minutes=minutes), data=tiny_data,
+              on_iteration=lambda it, loss, run=run, seen=seen: seen.append(saved_iteration(run)))
+        assert seen[:4] == expected and saved_iteration(run) == 5  # and always at the end
+        assert load_run_config(run).checkpoint_every is None
+    train(tiny_config(tmp_path / "explicit", iters=5, checkpoint_every=2), data=tiny_data)
+    assert load_run_config(tmp_path / "explicit").checkpoint_every == 2  # kept for --resume
+
+
+def test_a_folder_named_like_a_temporary_file_does_not_break_saving(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    (run / "checkpoint.npz.tmp").mkdir(parents=True)
+    (run / "metrics.jsonl.tmp").mkdir()
+    assert train(tiny_config(run), data=tiny_data)["iterations"] == 12
+    assert load_checkpoint(run / "checkpoint.npz", build_model(8))["iteration"] == 12
+
+
+def test_an_unwritable_run_folder_is_one_clear_error(tmp_path, tiny_data):
+    run = tmp_path / "run"
+
+    def take_the_folder_away(it: int, loss: float) -> None:
+        if it == 3:
+            shutil.rmtree(run)
+            run.write_text("not a folder")
+
+    config = tiny_config(run, checkpoint_every=4, eval_every=100, log_every=100)
+    with pytest.raises(AtomicWriteError, match=f"cannot write {re.escape(str(run / 'checkpoint.npz'))}") as info:
+        train(config, data=tiny_data, on_iteration=take_the_folder_away)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained tracebacks
+
+
+def test_a_checkpoint_without_a_key_is_a_clear_error(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    train(tiny_config(run, iters=4, checkpoint_every=100), data=tiny_data)
+    path = run / "checkpoint.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes())
+    del meta["extra"]["smooth_err"]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: .*'smooth_err'"):
+        train(tiny_config(run, iters=8, resume=True), data=tiny_data)
+
+
+def test_losses_are_read_from_the_device_once_per_log_window(tmp_path, tiny_data):
+    config = tiny_config(tmp_path / "run", log_every=4, eval_every=100, checkpoint_every=100)
+    run = Run(config, build_model(8), "ResNet-8")
+    run.prepare(tiny_data)
+    run.progress = Progress(config.iters, enabled=False)
+    run.t_start = time.perf_counter()
+    batches = run.loader.stream()
+    for it in range(1, 5):
+        x, y = next(batches)
+        run.step(tinyres.tensor(x), tinyres.tensor(y))
+        assert len(run.pending) == it and run.log_window.n == 0  # not read yet
+        run.log_save_or_stop(StopRequest())
+    assert run.pending == [] and read_train_log(config.out)[0]["iter"] == 4
+    batches.close()
+
+
+def test_a_run_writing_to_a_pipe_shows_progress_early(tmp_path, tiny_data):
+    config = tiny_config(tmp_path / "run", iters=30, eval_every=30, log_every=50, progress=True)
+    done = subprocess.run(child_command(tmp_path, tiny_data, config), env=ONE_THREAD, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert any(line.startswith("iter 10/30 ") and "ETA" in line for line in lines), done.stderr
+    assert "\r" not in done.stderr  # no bar redrawn in place in a log
+
+
+def test_evaluation_defaults_keep_short_runs_short():
+    assert default_eval_every(64_000) == 1000  # the paper's run: 64 evaluations
+    assert default_eval_every(2_000) == 500
+    assert default_eval_every(40) == 40  # --iters 40: one evaluation, at the end
+    assert TrainConfig().eval_every is None
+
+
 # ---- failures ----------------------------------------------------------------------------
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning", "ignore:overflow:RuntimeWarning")
@@ -280,6 +450,32 @@ def test_divergence_names_iteration_and_last_checkpoint(tmp_path, tiny_data):
     config = tiny_config(tmp_path / "none", lr=1e8, iters=200, checkpoint_every=1000, eval_every=1000)
     with pytest.raises(DivergenceError, match=r"at iteration \d+; no checkpoint was saved"):
         train(config, data=tiny_data)
+
+
+def test_weights_that_are_not_finite_are_never_the_last_good_checkpoint(tmp_path, tiny_data):
+    def spoil_a_weight(it: int, loss: float) -> None:
+        if it == 4:  # the loss of this iteration was finite; the weights it leaves are not
+            next(model.parameters()).data[0, 0, 0, 0] = np.inf
+
+    config = tiny_config(tmp_path / "run", checkpoint_every=2, eval_every=1000)
+    model = build_model(8)
+    real_build = tinyres.train.build_model
+    tinyres.train.build_model = lambda *args: model
+    try:
+        with pytest.raises(DivergenceError, match=r"weights are NaN or infinite at iteration 4; the last good "
+                                                  r"checkpoint is .*checkpoint.npz \(iteration 2\)"):
+            train(config, data=tiny_data, on_iteration=spoil_a_weight)
+    finally:
+        tinyres.train.build_model = real_build
+    saved = build_model(8)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.npz", saved)["iteration"] == 2
+    assert all(np.isfinite(a).all() for a in saved.state_dict().values())
+
+
+def test_evaluate_on_no_images_is_a_clear_error(tiny_data):
+    empty = tiny_data.test_images[:0]
+    with pytest.raises(ValueError, match="at least one image.*got 0 images"):
+        evaluate(build_model(8), empty, tiny_data.test_labels[:0], np.zeros((3, 8, 8), np.float32))
 
 
 @pytest.mark.skipif(cuda_available(), reason="checks the error raised without a GPU")
@@ -302,19 +498,36 @@ class FakeTTY(io.StringIO):
         return True
 
 
-def test_progress_line_on_terminal_and_in_logs():
+def test_progress_lines_in_a_log_and_a_bar_on_a_terminal():
     log = io.StringIO()
-    p = Progress(100, stream=log)
-    p.update(10, 0.1, 2.0, 0.8, 1234.0, 65.0)
+    p = Progress(100, stream=log, batch_size=128)
+    for it in range(1, 10):
+        p.update(it)
+    assert log.getvalue() == ""
+    p.set_stats(0.1, 2.0, 0.8)
+    p.update(10)  # the first line comes early, so that a log shows a run is alive
     p.log("evaluation 1")
     p.close()
-    assert log.getvalue() == "evaluation 1\n"  # not a terminal: only the evaluations, one line each
+    first, second = log.getvalue().splitlines()
+    assert first.startswith("iter 10/100  lr 0.1  loss 2.0000  train err 80.00%") and "img/s  ETA " in first
+    assert second == "evaluation 1"
 
     tty = FakeTTY()
     p = Progress(100, stream=tty)
-    p.update(10, 0.1, 2.0, 0.8, 1234.0, 65.0)
+    p.set_stats(0.1, 2.0, 0.8)
+    p.update(10)
     p.log("evaluation 1")
     p.close()
     text = tty.getvalue()
-    assert text.startswith("\r") and "iter 10/100" in text and "train err 80.00%" in text
-    assert "1,234 img/s" in text and "ETA 01:05" in text and "evaluation 1\n" in text
+    if p.tty and importlib.util.find_spec("tqdm"):  # a tqdm bar, redrawn in place
+        assert "10/100" in text and "\r" in text and "train err 80.00%" in text
+    assert "evaluation 1\n" in text
+
+
+def test_eta_leaves_out_the_time_spent_evaluating():
+    p = Progress(100, stream=io.StringIO())
+    p.update(1)
+    time.sleep(0.3)  # an evaluation
+    p.pause()
+    p.update(2)
+    assert p.train_seconds < 0.2

@@ -32,7 +32,6 @@ from .nn.modules import (
     Module,
     ReLU,
     Sequential,
-    override_calls,
 )
 from .tensor import Tensor, no_grad
 
@@ -255,6 +254,18 @@ def _linear_shape_and_macs(fc: Linear, shape: tuple[int, ...]) -> tuple[tuple[in
     return out, int(np.prod(out)) * fc.in_features
 
 
+def _shape_and_macs(layer: Conv2d | Linear, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    return (_conv_shape_and_macs if isinstance(layer, Conv2d) else _linear_shape_and_macs)(layer, shape)
+
+
+def _zeros_of_output_shape(layer: Conv2d | Linear) -> Any:
+    """A stand-in forward for `layer` that returns zeros of its output's shape: a summary needs only shapes."""
+    def forward(x: Tensor) -> Tensor:
+        shape, _ = _shape_and_macs(layer, x.shape)
+        return Tensor(to_device(np.zeros(shape, dtype=x.dtype), x.device))
+    return forward
+
+
 def summary(model: Module, input_shape: tuple[int, ...] = (1, 3, 32, 32), file: TextIO | None = None,
             max_depth: int | None = None) -> dict[str, int]:
     """Print each layer's output shape, parameters and multiply-adds; return {"params", "macs"} totals.
@@ -265,33 +276,38 @@ def summary(model: Module, input_shape: tuple[int, ...] = (1, 3, 32, 32), file: 
     a 224x224 ResNet-152 quick. `max_depth` limits how deeply nested layers are printed.
     """
     names = {id(m): name for name, m in model.named_modules()}
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []  # one per module call, in call order (parents before children)
+    open_rows: list[int] = []        # the rows of the calls still running, innermost last
 
-    def trace(module: Module, inputs: tuple) -> Any:
-        row = {"name": names.get(id(module), "?"), "type": type(module).__name__, "macs": 0,
-               "params": sum(p.numel() for p in module.parameters())}
-        rows.append(row)
-        first = len(rows)
-        x = inputs[0]
+    def enter(module: Module, inputs: tuple) -> None:
+        macs = 0
         if isinstance(module, (Conv2d, Linear)):
-            # zeros of the right shape stand in for the output: only shapes matter here
-            shape_and_macs = _conv_shape_and_macs if isinstance(module, Conv2d) else _linear_shape_and_macs
-            shape, row["macs"] = shape_and_macs(module, x.shape)
-            y = Tensor(to_device(np.zeros(shape, dtype=x.dtype), x.device))
-        else:
-            y = module.forward(*inputs)
-        row["shape"] = tuple(y.shape)
-        row["total_macs"] = row["macs"] + sum(r["macs"] for r in rows[first:])
-        return y
+            _, macs = _shape_and_macs(module, inputs[0].shape)
+        rows.append({"name": names.get(id(module), "?"), "type": type(module).__name__, "macs": macs,
+                     "params": sum(p.numel() for p in module.parameters())})
+        open_rows.append(len(rows) - 1)
+
+    def leave(module: Module, inputs: tuple, output: Any) -> None:
+        i = open_rows.pop()
+        rows[i]["shape"] = tuple(output.shape)
+        rows[i]["total_macs"] = sum(r["macs"] for r in rows[i:])  # its own and those of the calls inside it
 
     params = next(model.parameters(), None)
     device = device_of(params.data) if params is not None else "cpu"
     modes = {m: m.training for m in model.modules()}
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    computed = [m for m in model.modules() if isinstance(m, (Conv2d, Linear))]
+    for m in computed:
+        m.forward = _zeros_of_output_shape(m)
     model.eval()
     try:
-        with no_grad(), override_calls(trace):
+        with no_grad():
             model(Tensor(to_device(np.zeros(input_shape, dtype=np.float32), device)))
     finally:
+        for m in computed:
+            del m.forward  # the class's forward again
+        for h in handles:
+            h.remove()
         for m, mode in modes.items():
             m.training = mode
 

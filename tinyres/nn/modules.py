@@ -8,7 +8,6 @@ layers only hold parameters; the arithmetic is in `tinyres.nn.functional`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..backend import device_of, is_cupy, normalize_device, to_device
+from ..statedict import as_array, refuse_if_errors
 from ..tensor import Tensor
 from . import functional as F
 from . import init
@@ -27,6 +27,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "Conv2d",
+    "CrossEntropyLoss",
     "Flatten",
     "Identity",
     "Linear",
@@ -34,6 +35,7 @@ __all__ = [
     "Module",
     "Parameter",
     "ReLU",
+    "RemovableHandle",
     "Sequential",
 ]
 
@@ -55,27 +57,19 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
-def _array(value: Any):
-    """The array inside `value` (a Tensor, NumPy or CuPy array, or array-like)."""
-    if isinstance(value, Tensor):
-        return value.data
-    return value if isinstance(value, np.ndarray) or is_cupy(value) else np.asarray(value)
+class RemovableHandle:
+    """What `register_forward_hook` returns: `handle.remove()` takes the hook off again."""
 
+    _next_id = 0
 
-# While set, Module.__call__ hands every call to this function instead of running forward:
-# `tinyres.models.summary` uses it to trace a network layer by layer.
-_call_override: Callable[[Module, tuple], Any] | None = None
+    def __init__(self, hooks: OrderedDict[int, Callable]):
+        self.hooks = hooks
+        self.id = RemovableHandle._next_id
+        RemovableHandle._next_id += 1
 
-
-@contextlib.contextmanager
-def override_calls(fn: Callable[[Module, tuple], Any]) -> Iterator[None]:
-    """Within this block, `module(*inputs)` returns `fn(module, inputs)` for every module."""
-    global _call_override
-    prev, _call_override = _call_override, fn
-    try:
-        yield
-    finally:
-        _call_override = prev
+    def remove(self) -> None:
+        """Take the hook off its module (again is harmless)."""
+        self.hooks.pop(self.id, None)
 
 
 class Module:
@@ -89,14 +83,35 @@ class Module:
         object.__setattr__(self, "_buffers", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_forward_pre_hooks", OrderedDict())
+        object.__setattr__(self, "_forward_hooks", OrderedDict())
 
     def forward(self, *inputs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} has no forward()")
 
     def __call__(self, *inputs: Any) -> Any:
-        if _call_override is not None:
-            return _call_override(self, inputs)
-        return self.forward(*inputs)
+        for hook in list(self._forward_pre_hooks.values()):
+            changed = hook(self, inputs)
+            if changed is not None:
+                inputs = changed if isinstance(changed, tuple) else (changed,)
+        output = self.forward(*inputs)
+        for hook in list(self._forward_hooks.values()):
+            changed = hook(self, inputs, output)
+            if changed is not None:
+                output = changed
+        return output
+
+    def register_forward_pre_hook(self, hook: Callable[[Module, tuple], Any]) -> RemovableHandle:
+        """Call `hook(module, inputs)` before each forward; a value it returns replaces the inputs."""
+        handle = RemovableHandle(self._forward_pre_hooks)
+        self._forward_pre_hooks[handle.id] = hook
+        return handle
+
+    def register_forward_hook(self, hook: Callable[[Module, tuple, Any], Any]) -> RemovableHandle:
+        """Call `hook(module, inputs, output)` after each forward; a value it returns replaces the output."""
+        handle = RemovableHandle(self._forward_hooks)
+        self._forward_hooks[handle.id] = hook
+        return handle
 
     # ---- registration ----------------------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
@@ -110,7 +125,7 @@ class Module:
         if target is self.__dict__:
             object.__setattr__(self, name, value)  # the usual way, so properties keep working
         else:
-            target[name] = _array(value) if target is self._buffers and value is not None else value
+            target[name] = as_array(value) if target is self._buffers and value is not None else value
 
     def _store_for(self, name: str, value: Any) -> dict:
         if isinstance(value, Parameter):
@@ -141,7 +156,7 @@ class Module:
         if name in self._parameters or name in self._modules:
             raise KeyError(f"register_buffer: {name!r} is already a parameter or submodule")
         self.__dict__.pop(name, None)
-        self._buffers[name] = None if value is None else _array(value)
+        self._buffers[name] = None if value is None else as_array(value)
 
     # ---- traversal ---------------------------------------------------------------------------
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
@@ -259,7 +274,7 @@ class Module:
     def state_dict_errors(self, state: dict[str, Any], strict: bool = True) -> list[str]:
         """The reasons `load_state_dict(state, strict)` would refuse `state` (empty when it fits)."""
         own = {name: tuple(a.shape) for name, a in self._state_items()}
-        given = {name: tuple(_array(v).shape) for name, v in state.items()}
+        given = {name: tuple(as_array(v).shape) for name, v in state.items()}
         errors = []
         missing = [n for n in own if n not in given]
         unexpected = [n for n in given if n not in own]
@@ -270,9 +285,9 @@ class Module:
         misshaped = [n for n in own if n in given and given[n] != own[n]]
         if misshaped:  # never allowed, strict or not: the copy could not be made
             errors.append("wrong shape: " + ", ".join(f"{n} expected {own[n]}, got {given[n]}" for n in misshaped))
-        not_numbers = [n for n in own if n in state and _array(state[n]).dtype.kind not in "biuf"]
+        not_numbers = [n for n in own if n in state and as_array(state[n]).dtype.kind not in "biuf"]
         if not_numbers:
-            errors.append("not numbers: " + ", ".join(f"{n} ({_array(state[n]).dtype})" for n in not_numbers))
+            errors.append("not numbers: " + ", ".join(f"{n} ({as_array(state[n]).dtype})" for n in not_numbers))
         return errors
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> IncompatibleKeys:
@@ -282,14 +297,11 @@ class Module:
         error listing all problems and leaves the module untouched. Each value is converted
         to its parameter's dtype and device.
         """
-        errors = self.state_dict_errors(state, strict)
-        if errors:
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n  "
-                               + "\n  ".join(errors))
+        refuse_if_errors(self, self.state_dict_errors(state, strict), RuntimeError)
         own = dict(self._state_items())
         for name, a in own.items():
             if name in state:
-                a[...] = to_device(_array(state[name]), device_of(a))  # the assignment casts the dtype
+                a[...] = to_device(as_array(state[name]), device_of(a))  # the assignment casts the dtype
         return IncompatibleKeys([n for n in own if n not in state], [n for n in state if n not in own])
 
     # ---- printing ----------------------------------------------------------------------------
@@ -511,3 +523,12 @@ class Flatten(Module):
 
     def extra_repr(self) -> str:
         return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
+
+
+# ---- losses --------------------------------------------------------------------------------
+
+class CrossEntropyLoss(Module):
+    """Mean cross-entropy of logits (N, classes) against integer targets (N,), as `torch.nn.CrossEntropyLoss`."""
+
+    def forward(self, input, target):
+        return F.cross_entropy(input, target)

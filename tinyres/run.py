@@ -1,0 +1,348 @@
+"""The training loop behind `tinyres.train.train`: a run's state between iterations, and its steps.
+
+The loss and error of each iteration stay on the device; they are read in one transfer per
+log window (every `log_every` iterations, and before an evaluation or a checkpoint), so a GPU
+never waits for the host. Only the warm-up of deep nets reads the training error every
+iteration, because it ends on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import nn, optim
+from .backend import get_array_module, to_device
+from .checkpoint import load_checkpoint, required, save_checkpoint
+from .data import CIFAR10, DataLoader, load_cifar10, per_pixel_mean, to_float, train_val_split
+from .nn import functional as F
+from .progress import Progress, hms
+from .rundir import RunDir
+from .tensor import Tensor, no_grad, tensor
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+__all__ = ["DivergenceError", "Run", "default_eval_every", "evaluate", "sgd_step"]
+
+# resuming with a different network would load mismatched weights: these keys must agree
+ARCH_KEYS = ("depth", "plain", "shortcut")
+# what a checkpoint's `extra` must hold to resume a run exactly
+RESUME_KEYS = ("iteration", "config", "loader", "window", "smooth_err", "elapsed")
+
+
+class DivergenceError(RuntimeError):
+    """The training loss or the weights became NaN or infinite."""
+
+
+def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: np.ndarray,
+             batch_size: int = 1000, device: str = "cpu", std: np.ndarray | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and error rate of `model` on uint8 NHWC `images`, in eval mode."""
+    n = len(images)
+    if n == 0 or len(labels) != n:
+        raise ValueError(f"evaluate: needs at least one image and a label for each, "
+                         f"got {n} images and {len(labels)} labels")
+    was_training = model.training
+    model.eval()
+    loss_sum, wrong = 0.0, 0
+    try:
+        with no_grad():
+            for i in range(0, n, batch_size):
+                x = tensor(to_float(images[i:i + batch_size], mean, std), device=device)
+                y = tensor(np.asarray(labels[i:i + batch_size], dtype=np.int64), device=device)
+                logits = model(x)
+                loss_sum += F.cross_entropy(logits, y).item() * len(y.data)
+                wrong += int((logits.data.argmax(axis=1) != y.data).sum())
+    finally:
+        model.train(was_training)
+    return loss_sum / n, wrong / n
+
+
+def sgd_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tensor) -> tuple[Any, Any]:
+    """One SGD step on x (N, 3, H, W), y (N,); its loss and error rate stay on the device as 0-d arrays."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.data, (logits.data.argmax(axis=1) != y.data).mean()
+
+
+@dataclass
+class Window:
+    """Training loss and error summed over the iterations since a row was last logged."""
+
+    loss: float = 0.0
+    err: float = 0.0
+    n: int = 0
+
+    def add(self, loss: float, err: float) -> None:
+        """Count one iteration."""
+        self.loss, self.err, self.n = self.loss + loss, self.err + err, self.n + 1
+
+    def means(self) -> tuple[float, float]:
+        """(mean loss, mean error) of the window."""
+        n = max(self.n, 1)
+        return self.loss / n, self.err / n
+
+
+def default_eval_every(iters: int) -> int:
+    """Iterations between evaluations when not given: 1000 for the paper's 64k, 500 for shorter runs, at most `iters`.
+
+    An evaluation of the 10k test images costs about as much as 25 training iterations, so
+    500 keeps it near 5% of a run while a short run still gets a few test points.
+    """
+    return max(1, min(iters, max(500, iters // 64)))
+
+
+class StopRequest:
+    """Set by the first Ctrl-C or SIGTERM: the loop saves a checkpoint after this iteration and stops."""
+
+    signal_name: str | None = None
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """Turn Ctrl-C and SIGTERM into a StopRequest while the block runs; a second signal stops at once."""
+    stop = StopRequest()
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signal_name is not None:
+            raise KeyboardInterrupt
+        stop.signal_name = signal.Signals(signum).name
+        print(f"\n{stop.signal_name}: saving a checkpoint after this iteration (Ctrl-C again to quit at once)",
+              file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield stop
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def split_data(data: CIFAR10, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """(train images, train labels, eval images, eval labels, "test" or "val") of a run."""
+    train_x, train_y = data.train_images, np.asarray(data.train_labels, dtype=np.int64)
+    if not config.val_split:
+        return train_x, train_y, data.test_images, np.asarray(data.test_labels, dtype=np.int64), "test"
+    # a fixed split (seed 0), so that runs with different seeds are compared on the same images
+    tr, va = train_val_split(len(train_x), val_size=config.val_size, seed=0)
+    return train_x[tr], train_y[tr], train_x[va], train_y[va], "val"
+
+
+def check_same_arch(saved: dict[str, Any], config: TrainConfig, where: Any) -> None:
+    """Refuse to resume a run of another network."""
+    diff = [f"{k}: saved {saved.get(k)!r}, requested {getattr(config, k)!r}"
+            for k in ARCH_KEYS if saved.get(k) != getattr(config, k)]
+    if diff:
+        raise ValueError(f"cannot resume {where}: it holds a different network ({'; '.join(diff)}); "
+                         "use the same --depth/--plain/--shortcut or another --out")
+
+
+class Run:
+    """One training run: model, optimizer, schedule, data, and the counters an exact resume needs."""
+
+    def __init__(self, config: TrainConfig, model: nn.Module, name: str):
+        self.cfg, self.model, self.name = config, model, name
+        self.dir = RunDir(config.out)
+        self.eval_every = config.eval_every or default_eval_every(config.iters)
+        self.it, self.elapsed_before, self.smooth_err = 0, 0.0, 1.0
+        self.eval_window, self.log_window = Window(), Window()
+        self.pending: list[tuple[float, Any, Any]] = []  # (lr, loss, err) of iterations not yet read
+        self.lr_used = 0.0
+        self.last_saved: tuple[int, Any] | None = None   # (iteration, path) of the newest good checkpoint
+        self.last_save_time = time.monotonic()
+
+    # ---- building and restoring ----------------------------------------------------------
+    def prepare(self, data: CIFAR10 | None) -> None:
+        """Data, optimizer, schedule and loader, fresh or restored from the newest checkpoint that loads."""
+        cfg = self.cfg
+        resuming = self._check_out_dir()
+        train_x, train_y, self.eval_x, self.eval_y, self.split = split_data(
+            data if data is not None else load_cifar10(cfg.data_path), cfg)
+        if resuming and self.dir.mean.exists():
+            self.mean = np.load(self.dir.mean)
+        else:
+            self.mean = per_pixel_mean(train_x).astype(np.float32)
+        self.optimizer = optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        self.scheduler = optim.MultiStepLR(self.optimizer, list(cfg.milestones), gamma=cfg.lr_gamma)
+        if cfg.warmup if cfg.warmup is not None else cfg.depth >= 110:
+            self.scheduler = optim.WarmupLR(self.optimizer, self.scheduler, warmup_lr=cfg.warmup_lr,
+                                            until_iter=cfg.warmup_iters, until_error=cfg.warmup_error)
+        self.loader = DataLoader(train_x, train_y, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                 augment=cfg.augment, mean=self.mean, seed=cfg.seed, prefetch=cfg.prefetch)
+        if resuming:
+            self._restore()
+            return
+        self.dir.start(cfg.to_dict(), self.mean)
+        if cfg.resume:
+            self.say(f"no checkpoint in {self.dir.out} to resume: starting from scratch")
+        n_params = int(sum(p.data.size for p in self.model.parameters()))
+        self.say(f"{n_params:,} parameters, {len(train_x):,} training images, {len(self.eval_x):,} {self.split} "
+                 f"images, {cfg.iters:,} iterations on {cfg.device}; out: {self.dir.out}")
+
+    def _check_out_dir(self) -> bool:
+        """Whether this run resumes; refuse to overwrite a run, or to resume another network."""
+        found = self.dir.checkpoints()
+        if found and not self.cfg.resume:
+            raise FileExistsError(f"{found[0]} already exists: resume it (resume=True, --resume) "
+                                  "or choose another out dir")
+        if found and self.dir.config.exists():
+            check_same_arch(json.loads(self.dir.config.read_text()), self.cfg, self.dir.out)
+        return bool(found)
+
+    def _load(self, path: Any) -> dict[str, Any]:
+        extra = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        for key in RESUME_KEYS:
+            required(extra, key, path)
+        return extra
+
+    def _restore(self) -> None:
+        extra = self.dir.load_checkpoint(self._load, self.say)
+        check_same_arch(extra["config"], self.cfg, self.dir.checkpoint)
+        self.it, self.elapsed_before = int(extra["iteration"]), float(extra["elapsed"])
+        self.eval_window, self.smooth_err = Window(**extra["window"]), float(extra["smooth_err"])
+        self.log_window = Window(**extra.get("log_window", {}))  # older checkpoints have no dense log
+        self.loader.load_state_dict(extra["loader"])
+        self.last_saved = (self.it, self.dir.checkpoint)
+        self.dir.roll_back(self.it)
+
+    def say(self, text: str) -> None:
+        """A line about the run on stderr (unless progress output is off)."""
+        if self.cfg.progress:
+            print(f"[{self.name}] {text}", file=sys.stderr, flush=True)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def loop(self, on_iteration: Callable[[int, float], None] | None = None) -> None:
+        """Train from the current iteration to the end, or until Ctrl-C/SIGTERM (then save and raise)."""
+        cfg = self.cfg
+        self.progress = Progress(cfg.iters, cfg.progress, initial=self.it, batch_size=cfg.batch_size)
+        self.t_start = time.perf_counter()
+        batches = self.loader.stream()  # endless, from the saved position on
+        try:
+            with stop_requests() as stop:
+                self.model.train()
+                while self.it < cfg.iters:
+                    xb, yb = next(batches)
+                    loss = self.step(tensor(xb, device=cfg.device), tensor(yb, device=cfg.device))
+                    if on_iteration is not None:
+                        on_iteration(self.it, float(loss))
+                    self.log_save_or_stop(stop)
+        finally:
+            self.progress.close()
+            batches.close()  # stops the prefetch thread, if any
+
+    def step(self, x: Tensor, y: Tensor) -> Any:
+        """One iteration: an SGD step and the schedule's step; returns the loss (on the device)."""
+        lr = self.optimizer.lr
+        loss, err = sgd_step(self.model, self.optimizer, x, y)
+        self.pending.append((lr, loss, err))
+        self.it += 1
+        if getattr(self.scheduler, "warming_up", False):
+            self.read_pending()  # the warm-up ends on the training error: it is read every iteration
+            self.scheduler.step(train_error=self.smooth_err)
+        else:
+            self.scheduler.step()
+        self.progress.update(self.it)
+        return loss
+
+    def log_save_or_stop(self, stop: StopRequest) -> None:
+        """Log, evaluate and checkpoint when due; after a stop request, save and raise KeyboardInterrupt."""
+        it, end = self.it, self.it == self.cfg.iters
+        if it % self.cfg.log_every == 0 or end:
+            self.log_training()
+        if it % self.eval_every == 0 or end:
+            self.log_evaluation()
+        if end or stop.signal_name or self._checkpoint_due():
+            self.save()
+        if stop.signal_name:
+            raise KeyboardInterrupt(f"{stop.signal_name}: interrupted at iteration {it}; checkpoint saved to "
+                                    f"{self.dir.checkpoint} (resume with resume=True / --resume)")
+
+    def _checkpoint_due(self) -> bool:
+        if self.cfg.checkpoint_every:
+            return self.it % self.cfg.checkpoint_every == 0
+        return time.monotonic() - self.last_save_time >= 60 * self.cfg.checkpoint_minutes
+
+    def read_pending(self) -> None:
+        """Read the losses and errors of the pending iterations from the device, in one transfer."""
+        if not self.pending:
+            return
+        xp = get_array_module(self.pending[0][1])
+        values = to_device(xp.stack([xp.asarray(v, dtype=xp.float64) for _, *pair in self.pending for v in pair]),
+                           "cpu").reshape(-1, 2)
+        first = self.it - len(self.pending) + 1
+        for k, ((lr, _, _), (loss, err)) in enumerate(zip(self.pending, values.tolist())):
+            if not math.isfinite(loss):
+                self.diverged(f"loss is {loss} at iteration {first + k}")
+            self.eval_window.add(loss, err)
+            self.log_window.add(loss, err)
+            self.smooth_err = err if first + k == 1 else 0.9 * self.smooth_err + 0.1 * err
+            self.lr_used = lr
+        self.pending.clear()
+
+    def diverged(self, what: str) -> None:
+        """Stop with a DivergenceError that names the newest checkpoint holding finite weights."""
+        where = (f"the last good checkpoint is {self.last_saved[1]} (iteration {self.last_saved[0]})"
+                 if self.last_saved is not None else "no checkpoint was saved")
+        raise DivergenceError(f"training diverged: {what}; {where}. Try a lower learning rate or a warm-up.")
+
+    def elapsed(self) -> float:
+        """Wall time of the whole run so far, across resumes."""
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    # ---- logging and saving ------------------------------------------------------------------
+    def log_training(self) -> None:
+        """One row of the dense training curve (train_log.jsonl): the window since the last row."""
+        self.read_pending()
+        loss, err = self.log_window.means()
+        self.dir.append(self.dir.train_log, {"iter": self.it, "lr": self.lr_used, "train_loss": loss,
+                                             "train_err": err, "elapsed": round(self.elapsed(), 3)})
+        self.progress.set_stats(self.lr_used, loss, err)
+        self.log_window = Window()
+
+    def log_evaluation(self) -> None:
+        """Evaluate, and log one row of metrics.jsonl with the training averages since the last one."""
+        self.read_pending()
+        test_loss, test_err = evaluate(self.model, self.eval_x, self.eval_y, self.mean, self.cfg.eval_batch_size,
+                                       self.cfg.device)
+        train_loss, train_err = self.eval_window.means()
+        row = {"iter": self.it, "lr": self.lr_used, "train_loss": train_loss, "train_err": train_err,
+               "test_loss": test_loss, "test_err": test_err, "split": self.split,
+               "elapsed": round(self.elapsed(), 3)}
+        self.dir.append(self.dir.metrics, row)
+        s = self.split
+        self.progress.log(f"[{self.name}] iter {self.it}: lr {self.lr_used:.4g}  train loss {train_loss:.4f}  "
+                          f"train err {100 * train_err:.2f}%  {s} loss {test_loss:.4f}  {s} err {100 * test_err:.2f}%"
+                          f"  ({hms(row['elapsed'])} elapsed)")
+        self.eval_window = Window()
+        self.progress.pause()
+
+    def save(self) -> None:
+        """Checkpoint the run, keeping the previous checkpoint; never one with NaN or infinite weights."""
+        self.read_pending()
+        arrays = [p.data for p in self.model.parameters()] + list(self.model.buffers())
+        if not all(bool(get_array_module(a).isfinite(a).all()) for a in arrays):
+            self.diverged(f"the weights are NaN or infinite at iteration {self.it}")
+        extra = {"iteration": self.it, "config": self.cfg.to_dict(), "loader": self.loader.state_dict(),
+                 "window": asdict(self.eval_window), "log_window": asdict(self.log_window),
+                 "smooth_err": self.smooth_err, "elapsed": self.elapsed(), "finished": self.it >= self.cfg.iters}
+        self.dir.save_checkpoint(lambda path: save_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                                                              extra=extra))
+        self.last_saved, self.last_save_time = (self.it, self.dir.checkpoint), time.monotonic()
+        self.progress.pause()
