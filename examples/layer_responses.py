@@ -25,7 +25,6 @@ import tinyres
 from tinyres import nn
 from tinyres.checkpoint import load_checkpoint
 from tinyres.data import to_float
-from tinyres.nn.modules import override_calls
 from tinyres.train import build_model, model_name
 
 DEPTH_COLORS = {20: "#f0a30a", 32: "#1f77b4", 44: "#2ca02c", 56: "#d62728", 110: "#000000", 1202: "#9467bd"}
@@ -38,11 +37,10 @@ def layer_responses(model: nn.Module, images: np.ndarray, mean: np.ndarray, batc
     conv3_out: dict[int, object] = {}  # id -> 3x3 conv output of this forward (kept alive: ids stay unique)
     layer = 0
 
-    def watch(module: nn.Module, inputs: tuple):
-        # While the override is on, every module call comes here: run it as usual, note the
-        # outputs of 3x3 convs, and record the batch norm that takes one of them as its input.
+    def watch(module: nn.Module, inputs: tuple, y):
+        # A forward hook on every conv and batch norm: note the outputs of 3x3 convs, and record
+        # the batch norm that takes one of them as its input.
         nonlocal layer
-        y = module.forward(*inputs)
         if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
             conv3_out[id(y)] = y
         elif isinstance(module, nn.BatchNorm2d) and id(inputs[0]) in conv3_out:
@@ -53,17 +51,19 @@ def layer_responses(model: nn.Module, images: np.ndarray, mean: np.ndarray, batc
             else:
                 sums[layer] += stats
             layer += 1
-        return y
 
+    handles = [m.register_forward_hook(watch) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
     was_training = model.training
     model.eval()
     try:
-        with tinyres.no_grad(), override_calls(watch):
+        with tinyres.no_grad():
             for i in range(0, len(images), batch_size):
                 layer = 0
                 conv3_out.clear()
                 model(tinyres.tensor(to_float(images[i:i + batch_size], mean), device=device))
     finally:
+        for h in handles:
+            h.remove()
         model.train(was_training)
     stds = []
     for s, ss, n in sums:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import cli
 
-from tinyres.train import DivergenceError, TrainConfig, load_run_config, paper_schedule, train
+from tinyres.train import DivergenceError, TrainConfig, default_eval_every, load_run_config, paper_schedule, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory for config.json, metrics.jsonl, checkpoint.npz (%(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--eval-every", type=int, default=None,
-                   help=f"iterations between evaluations (default: {d.eval_every}, or 1/20 of a shorter run)")
+                   help="iterations between evaluations (default: 1000 for 64k iterations, 500 for shorter runs)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help="iterations between checkpoints (%(default)s)")
+                   help="iterations between checkpoints (default: every 10 minutes, and at the end)")
     p.add_argument("--prefetch", type=int, default=d.prefetch,
                    help="batches prepared ahead in a background thread (%(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -75,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup={"auto": None, "on": True, "off": False}[args.warmup], augment=not args.no_augment,
         val_split=args.val_split, device=args.device, data_path=args.data, seed=args.seed, out=args.out,
         resume=args.resume, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every if args.eval_every is not None else min(TrainConfig.eval_every, max(1, iters // 20)),
+        eval_every=args.eval_every if args.eval_every is not None else default_eval_every(iters),
         prefetch=args.prefetch, progress=not args.quiet)
 
 

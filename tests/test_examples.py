@@ -237,7 +237,7 @@ def test_train_cifar_schedules_and_flags():
     c = train_cifar.config_from_args(parse([]))
     assert (c.iters, c.milestones, c.depth, c.shortcut, c.plain) == (64000, (32000, 48000), 20, "A", False)
     assert (c.momentum, c.weight_decay, c.warmup, c.eval_every) == (0.9, 1e-4, None, 1000)
-    assert train_cifar.config_from_args(parse(["--schedule", "short"])).eval_every == 100
+    assert train_cifar.config_from_args(parse(["--schedule", "short"])).eval_every == 500
     assert train_cifar.config_from_args(parse(["--schedule", "short", "--eval-every", "7"])).eval_every == 7
 
 
