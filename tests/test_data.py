@@ -31,6 +31,7 @@ from tinyres.data import (
     DownloadError,
     augment,
     channel_stats,
+    formats,
     load_cifar10,
     per_pixel_mean,
     to_float,
@@ -234,7 +235,7 @@ def test_several_archives_in_a_folder_are_ambiguous(tmp_path, cache, arrays):
 
 
 def test_worker_processes_decode_the_same(tmp_path, cache, arrays, monkeypatch):
-    monkeypatch.setattr(data, "_DECODE_CHUNK", 7)  # several chunks, so the pool starts
+    monkeypatch.setattr(formats, "_DECODE_CHUNK", 7)  # several chunks, so the pool starts
     root = write_image_folder(tmp_path / "png", arrays)
     loaded = load_cifar10(root, cache_dir=cache, num_workers=2)
     assert_same(loaded, sorted_by_class(arrays))
@@ -762,7 +763,7 @@ def test_prefetch_gives_the_same_batches_and_stops(small_set):
 
 
 def _prefetch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "tinyres-prefetch" and t.is_alive()]
+    return [t for t in threading.enumerate() if t.name.startswith("tinyres-prefetch") and t.is_alive()]
 
 
 def test_prefetch_reraises_errors(small_set, monkeypatch):
