@@ -210,7 +210,7 @@ def _image_key(where: str, split: str, class_name: str, file_name: str) -> Image
 
 
 def _decode_images(images: Iterable[EncodedImage], workers: int) -> tuple[list[ImageKey], np.ndarray]:
-    """Keys and decoded uint8 (N, 32, 32, 3) images, decoded in `workers` processes once there is more than a chunk."""
+    """Keys and uint8 (N, 32, 32, 3) images; decoded in `workers` processes if there is more than one chunk of them."""
     keys: list[ImageKey] = []
     parts: list[np.ndarray | Future] = []
     pool = None
