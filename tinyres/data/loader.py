@@ -202,7 +202,7 @@ class DataLoader:
         return self._run(forever=True)
 
     def _run(self, forever: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        batches = _computed(self._make_batch, self._batch_jobs(forever), ahead=self.prefetch)
+        batches = _compute_ahead(self._make_batch, self._batch_jobs(forever), ahead=self.prefetch)
         try:
             for (_, epoch, index), (x, y) in batches:
                 # Advance before yielding: a checkpoint taken after using this batch resumes at the next one.
@@ -237,7 +237,7 @@ class DataLoader:
         return x, self.labels[selected]
 
 
-def _computed(compute: Callable, jobs: Iterable[tuple], ahead: int) -> Iterator[tuple[tuple, object]]:
+def _compute_ahead(compute: Callable, jobs: Iterable[tuple], ahead: int) -> Iterator[tuple[tuple, object]]:
     """Yield (job, compute(*job)) for each job in order; with `ahead` > 0 a background thread works that far ahead."""
     if ahead == 0:
         for job in jobs:
