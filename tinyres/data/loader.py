@@ -20,9 +20,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 # ---------------------------------------------------------------------------
 
 
-def _check_uint8_images(images: np.ndarray) -> None:
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
-        raise ValueError(f"expected uint8 images of shape (N, H, W, 3) with N > 0, got {images.dtype} {images.shape}")
+def _check_uint8_images(images: np.ndarray, *, allow_empty: bool = False) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or (len(images) == 0 and not allow_empty):
+        at_least_one = "" if allow_empty else " with N > 0"
+        raise ValueError(f"expected uint8 images of shape (N, H, W, 3){at_least_one}, got {images.dtype} {images.shape}")
 
 
 def per_pixel_mean(images: np.ndarray, chunk: int = 2048) -> np.ndarray:
@@ -67,8 +68,7 @@ def _as_stat(value: np.ndarray, name: str, shape: tuple[int, int, int]) -> np.nd
 
 def to_float(images: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None = None) -> np.ndarray:
     """Convert uint8 images (N, H, W, 3) to float32 (N, 3, H, W): x / 255, minus mean (3,) or (3, H, W), over std."""
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+    _check_uint8_images(images, allow_empty=True)
     n, height, width, channels = images.shape
     out = np.empty((n, channels, height, width), np.float32)
     # Scale and transpose in one pass, into a C-contiguous NCHW array.
