@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import gzip
 import hashlib
 import io
 import os
@@ -31,6 +32,7 @@ from tinyres.data import (
     DownloadError,
     augment,
     channel_stats,
+    formats,
     load_cifar10,
     per_pixel_mean,
     to_float,
@@ -234,7 +236,7 @@ def test_several_archives_in_a_folder_are_ambiguous(tmp_path, cache, arrays):
 
 
 def test_worker_processes_decode_the_same(tmp_path, cache, arrays, monkeypatch):
-    monkeypatch.setattr(data, "_DECODE_CHUNK", 7)  # several chunks, so the pool starts
+    monkeypatch.setattr(formats, "_DECODE_CHUNK", 7)  # several chunks, so the pool starts
     root = write_image_folder(tmp_path / "png", arrays)
     loaded = load_cifar10(root, cache_dir=cache, num_workers=2)
     assert_same(loaded, sorted_by_class(arrays))
@@ -334,6 +336,21 @@ def test_corrupt_or_truncated_archive(tmp_path, cache, arrays, kind):
         path = tmp_path / "cifar10.tar.gz"
         blob = bytearray(os.urandom(5000) if kind == "not an archive" else b"")
     path.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=f"{path.name}: corrupt or truncated archive"):
+        load_cifar10(path, cache_dir=cache)
+    assert cache_entries(cache) == []
+
+
+def test_gzipped_tar_cut_at_a_member_is_truncated(tmp_path, cache, arrays):
+    # The gzip stream is whole and every class is still there (the cut drops test/truck/0001.png):
+    # only the missing end-of-archive marker of the tar inside shows that images are missing.
+    plain = write_image_tar(tmp_path / "images.tar", write_image_folder(tmp_path / "png", arrays))
+    with tarfile.open(plain) as tar:
+        last = tar.getmembers()[-1]
+    assert last.name == "cifar10/test/truck/0001.png"
+    cut = last.offset
+    path = tmp_path / "images.tar.gz"
+    path.write_bytes(gzip.compress(plain.read_bytes()[:cut]))
     with pytest.raises(DataError, match=f"{path.name}: corrupt or truncated archive"):
         load_cifar10(path, cache_dir=cache)
     assert cache_entries(cache) == []
@@ -762,7 +779,7 @@ def test_prefetch_gives_the_same_batches_and_stops(small_set):
 
 
 def _prefetch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "tinyres-prefetch" and t.is_alive()]
+    return [t for t in threading.enumerate() if t.name.startswith("tinyres-prefetch") and t.is_alive()]
 
 
 def test_prefetch_reraises_errors(small_set, monkeypatch):
@@ -781,6 +798,24 @@ def test_prefetch_reraises_errors(small_set, monkeypatch):
     with pytest.raises(RuntimeError, match="broken batch"):
         next(stream)
     assert not _prefetch_threads()
+
+
+def test_loader_over_no_samples_names_the_sizes():
+    # As PyTorch's shuffling sampler does, refuse an empty data set up front: stream() would never yield.
+    for labels in (np.zeros(0, np.int64), []):
+        with pytest.raises(ValueError, match=r"0 samples make no batch of 4: images of shape \(0, 32, 32, 3\)"):
+            DataLoader(np.zeros((0, 32, 32, 3), np.uint8), labels, batch_size=4)
+    _, val = train_val_split(10, val_size=0)  # an empty selection, of float32 images this time
+    with pytest.raises(ValueError, match=r"0 samples make no batch of 128: images of shape \(0, 3, 8, 8\)"):
+        DataLoader(np.zeros((10, 3, 8, 8), np.float32)[val], np.arange(10)[val], shuffle=False)
+
+
+def test_an_empty_batch_goes_through_preprocessing():
+    x = to_float(np.zeros((0, 32, 32, 3), np.uint8), np.zeros(3), np.ones(3))
+    assert x.shape == (0, 3, 32, 32) and x.dtype == np.float32
+    for pad, flip in ((4, True), (0, True), (2, False)):
+        out = augment(x, np.random.default_rng(0), pad=pad, flip=flip)
+        assert out.shape == (0, 3, 32, 32) and out.dtype == np.float32
 
 
 def test_loader_float_input_and_validation(small_set):
