@@ -133,7 +133,8 @@ print("RESULT " + json.dumps(r))
 
 
 def step_env(step: Step, args: argparse.Namespace, work: Path) -> tuple[dict, str]:
-    r = result_line(step.run([PY, "-c", ENV_PROBE]))
+    # an empty kernel cache, so that the first kernels' time includes their compilation
+    r = result_line(step.run([PY, "-c", ENV_PROBE], CUPY_CACHE_DIR=str(work / "cold-cache-env")))
     if args.device == "cuda" and not r["usable"]:
         raise StepFailed(f"no usable GPU: {r['reason']}")
     if not r["usable"]:
@@ -241,7 +242,8 @@ def step_benchmark(step: Step, args: argparse.Namespace, work: Path) -> tuple[di
     if missing:
         raise StepFailed(f"train_step.py measured no tinyres step for depth {missing}; see the log")
     depth, batch = args.bench_depths[0], 128 if args.device == "cuda" else 8
-    first = result_line(step.run([PY, "-c", FIRST_STEP, str(depth), str(batch), args.device]))
+    first = result_line(step.run([PY, "-c", FIRST_STEP, str(depth), str(batch), args.device],
+                                 CUPY_CACHE_DIR=str(work / "cold-cache-first-step")))  # the first step compiles
     parts = []
     for d in args.bench_depths:
         ours = next(r for r in rows if r["depth"] == d and r["framework"] == "tinyres")
