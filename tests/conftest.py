@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-import tinyres
+from tinyres.backend import gpu_status
 
 settings.register_profile("ci", derandomize=True, max_examples=20, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow], print_blob=True)
@@ -20,15 +20,42 @@ settings.register_profile("thorough", max_examples=400, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-GPU = tinyres.cuda_available()
+GPU_STATUS = gpu_status()
+# On a machine meant to test the GPU, a missing GPU must fail the run, not skip a third of it
+REQUIRE_GPU = os.environ.get("TINYRES_REQUIRE_GPU") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if REQUIRE_GPU and not GPU_STATUS.usable:
+        raise pytest.UsageError(f"TINYRES_REQUIRE_GPU=1 but no usable GPU: {GPU_STATUS.reason}")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    state = "usable" if GPU_STATUS.usable else "BROKEN" if GPU_STATUS.broken else "none"
+    return f"tinyres GPU: {state}: {GPU_STATUS.reason}"
+
+
+def need_gpu() -> None:
+    """Skip the calling test when there is no GPU; fail it when CuPy is installed but broken."""
+    if GPU_STATUS.broken:
+        pytest.fail(f"the GPU cannot be used: {GPU_STATUS.reason}", pytrace=False)
+    if not GPU_STATUS.usable:
+        pytest.skip(GPU_STATUS.reason)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request) -> str:
     """Each test taking `device` runs on the CPU, and on the GPU when CuPy and a GPU are present."""
-    if request.param == "cuda" and not GPU:
-        pytest.skip("CuPy with a GPU is not available")
+    if request.param == "cuda":
+        need_gpu()
     return request.param
+
+
+@pytest.fixture
+def gpu() -> str:
+    """'cuda' for a test that only makes sense on the GPU; skipped without one."""
+    need_gpu()
+    return "cuda"
 
 
 @pytest.fixture
