@@ -104,11 +104,38 @@ def test_per_channel_passes_match_numpy(threads):
         shape = (1, -1, 1, 1) if a.ndim == 4 else (1, -1)
         s, t, u = (rng.standard_normal(16) for _ in range(3))
         np.testing.assert_allclose(kernels.channel_sum(a), a.sum(axis=axes))
-        np.testing.assert_allclose(kernels.channel_dot(a, b), (a * b).sum(axis=axes))
+        d = a - t.reshape(shape)
+        for got, want in zip(kernels.channel_moments(a, t), (d.sum(axis=axes), (d * d).sum(axis=axes))):
+            np.testing.assert_allclose(got, want)
+        for got, want in zip(kernels.channel_sums(b, a, t), (b.sum(axis=axes), (b * d).sum(axis=axes))):
+            np.testing.assert_allclose(got, want)
         y = kernels.channel_affine(a, s, t, b, u)
         np.testing.assert_allclose(y, a * s.reshape(shape) + t.reshape(shape) + b * u.reshape(shape))
         assert y.strides == a.strides  # the layout is kept
-        np.testing.assert_allclose(kernels.channel_affine(a, None, t), a + t.reshape(shape))
+
+
+def test_batch_norm_statistics_stay_accurate_in_float32_far_from_zero():
+    """The variance of values with a large mean: E[x^2] - E[x]^2 would lose every digit in float32."""
+    rng = np.random.default_rng(0)
+    x = channels_last((1000 + rng.standard_normal((64, 4, 8, 8))).astype(np.float32))
+    rm, rv = np.zeros(4, np.float32), np.zeros(4, np.float32)
+    F.batch_norm(tinyres.tensor(x), rm, rv, training=True, momentum=1.0)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(rm, x64.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(rv, x64.var(axis=(0, 2, 3), ddof=1), rtol=1e-3)
+
+
+def test_elementwise_kernels_keep_the_layout_and_match_numpy(threads):
+    threads(2)
+    rng = np.random.default_rng(0)
+    for make, dense in ((channels_last, True), (np.ascontiguousarray, True), (lambda a: a[:, :, ::2], False)):
+        a, b = (make(rng.standard_normal((9, 5, 40, 40)).astype(np.float32)) for _ in range(2))
+        for got, want in ((kernels.add(a, b), a + b), (kernels.relu(a), np.maximum(a, 0)),
+                          (kernels.relu_grad(b, a), b * (a > 0))):
+            assert np.array_equal(got, want)
+            assert got.strides == a.strides or not dense
+    mixed = kernels.add(channels_last(np.ones((2, 3, 4, 4))), np.ones((2, 3, 4, 4)))  # layouts differ
+    assert np.array_equal(mixed, np.full((2, 3, 4, 4), 2.0))
 
 
 def test_parallel_for_covers_the_range_in_order_and_waits_for_every_part(threads):

@@ -19,7 +19,9 @@ say what is computed; this module says how to compute it fast on NumPy (and plai
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +53,7 @@ def _default_threads() -> int:
 _num_threads = _default_threads()
 _pool: ThreadPoolExecutor | None = None
 _inside = threading.local()  # set in a part of parallel_for: nested calls run serially
-_blas_limited = False
+_configured = False
 
 
 def set_num_threads(n: int) -> None:
@@ -71,20 +73,33 @@ def get_num_threads() -> int:
     return _num_threads
 
 
-def _limit_blas() -> None:
-    """Hold BLAS to one thread: the kernels parallelize over the batch themselves, and an
-    OpenBLAS worker left spinning beside them can halve the speed of a whole process."""
-    global _blas_limited
-    if not _blas_limited:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(limits=1, user_api="blas")
-        _blas_limited = True
+def _configure_process() -> None:
+    """Once, before the first kernel runs: hold BLAS to one thread, and keep freed memory for reuse.
+
+    BLAS: the kernels parallelize over the batch themselves, and an OpenBLAS worker left spinning
+    beside them can halve the speed of a whole process. Memory: glibc returns every freed array
+    above 128 KB to the system, so each training step's fresh activations cost ~36,000 page faults
+    (about 15 % of a ResNet-20 step, benchmarks/README.md); raising its thresholds keeps them in
+    the heap for the next step, as PyTorch's caching allocator does. TINYRES_KEEP_MEMORY=0 opts out."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")
+    if os.environ.get("TINYRES_KEEP_MEMORY", "1") != "0" and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: arrays up to 32 MB come from the heap
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # and stay there when freed (up to 1 GB)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def parallel_for(fn: Callable[[int, int, int], Any], n: int, xp=np) -> list[Any]:
     """Run fn(lo, hi, part) over [0, n) split into contiguous parts, one per thread, and return
     the results in part order. Part 0 runs in the calling thread."""
-    _limit_blas()
+    _configure_process()
     parts = min(_num_threads, n)
     if xp is not np or parts <= 1 or getattr(_inside, "active", False):
         return [fn(0, n, 0)]
@@ -130,6 +145,43 @@ def free_scratch() -> None:
     _scratch.clear()
 
 
+# ---- blocks of memory over the threads ---------------------------------------------------
+
+_BLOCK_BYTES = 1 << 20  # 1 MB per array: large enough that the per-block calls cost little
+
+
+def _dense(a):
+    """A 1-D view of all of `a`'s memory when `a` is dense in some axis order (C-contiguous, or
+    channels-last, ...), else None. Arrays with the same strides have matching dense views."""
+    t = a.transpose(sorted(range(a.ndim), key=lambda i: -a.strides[i]))
+    return t.reshape(-1) if t.flags.c_contiguous else None
+
+
+def blockwise(fn: Callable, *arrays) -> list[Any]:
+    """fn(*blocks) over blocks of rows (axis 0) of `arrays`, each about _BLOCK_BYTES, spread over
+    the threads; the results in block order. On CuPy, one call on the whole arrays."""
+    xp = get_array_module(arrays[0])
+    if xp is not np:
+        return [fn(*arrays)]
+    a = arrays[0]
+    row_bytes = a.itemsize * (a.size // max(len(a), 1))
+    size = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+    if a.ndim == 2:  # whole groups of wide rows (see _wide), so each block widens alike
+        size = max(512, size - size % 512)
+    starts = range(0, len(a), size)
+
+    def work(lo, hi, part):
+        return [fn(*(x[s:s + size] for x in arrays)) for s in starts[lo:hi]]
+    return [r for part in parallel_for(work, len(starts), xp) for r in part]
+
+
+def _sum_in_order(values: list):
+    total = values[0]
+    for v in values[1:]:  # a fixed order: the same bits on every run for a given thread count
+        total = total + v
+    return total
+
+
 # ---- elementwise, keeping the layout -----------------------------------------------------
 
 def empty_like(a):
@@ -138,21 +190,49 @@ def empty_like(a):
     return get_array_module(a).empty_like(a)
 
 
+def _elementwise(ufunc, out, *arrays) -> bool:
+    """ufunc(*arrays, out=out) block by block over the threads, when all share one dense layout."""
+    if any(x.shape != out.shape or x.strides != out.strides for x in arrays):
+        return False
+    flat = [_dense(x) for x in (*arrays, out)]
+    if any(f is None for f in flat):
+        return False
+    blockwise(lambda *blocks: ufunc(*blocks[:-1], out=blocks[-1]), *flat)
+    return True
+
+
 def add(a, b):
     """a + b; the output keeps a's memory layout when no broadcasting is involved."""
     if a.shape != b.shape:
         return a + b
-    return get_array_module(a).add(a, b, out=empty_like(a))
+    out = empty_like(a)
+    if not _elementwise(get_array_module(a).add, out, a, b):
+        get_array_module(a).add(a, b, out=out)
+    return out
+
+
+def _relu(x, out):
+    return np.maximum(x, 0, out=out)
+
+
+def _masked(gy, y, out):
+    return np.multiply(gy, y > 0, out=out)
 
 
 def relu(x):
     """max(x, 0), in x's memory layout."""
-    return get_array_module(x).maximum(x, 0, out=empty_like(x))
+    out = empty_like(x)
+    if not _elementwise(_relu, out, x):
+        get_array_module(x).maximum(x, 0, out=out)
+    return out
 
 
 def relu_grad(gy, y):
     """gy where y > 0, else 0."""
-    return get_array_module(gy).multiply(gy, y > 0, out=empty_like(gy))
+    out = empty_like(gy)
+    if not _elementwise(_masked, out, gy, y):
+        get_array_module(gy).multiply(gy, y > 0, out=out)
+    return out
 
 
 def log_softmax(x, axis: int):
@@ -164,9 +244,6 @@ def log_softmax(x, axis: int):
 
 
 # ---- per-channel passes (batch norm) -----------------------------------------------------
-
-_ROW_BLOCK = 512  # rows per unit of work: parts of parallel_for are whole blocks
-
 
 def _channel_rows(a):
     """The (N*H*W, C) matrix of NCHW `a` (or `a` itself for (N, C)) when that is a
@@ -197,73 +274,81 @@ def _fold(v, k: int):
     return v.reshape(k, -1).sum(axis=0) if k > 1 else v
 
 
-def _row_parts(fn: Callable, *mats) -> list[Any]:
-    """parallel_for over blocks of rows of the (rows, C) matrices `mats`: fn(*row_slices, part)."""
-    rows = mats[0].shape[0]
-    blocks = -(-rows // _ROW_BLOCK)
-
-    def work(lo, hi, part):
-        sl = slice(lo * _ROW_BLOCK, min(hi * _ROW_BLOCK, rows))
-        return fn(*(m[sl] for m in mats), part)
-    return parallel_for(work, blocks, get_array_module(mats[0]))
+def _other_axes(a) -> tuple[int, ...]:
+    return tuple(i for i in range(a.ndim) if i != 1)
 
 
-def _sum_parts(parts: list):
-    total = parts[0]
-    for p in parts[1:]:  # a fixed order: the same bits on every run
-        total = total + p
-    return total
+def _colsum(w):
+    """Column sums of a 2-D block as a matrix-vector product: BLAS beats a row-wise reduction."""
+    return get_array_module(w).ones(w.shape[0], dtype=w.dtype) @ w
 
 
 def channel_sum(a):
     """Sum over every axis but the channels (axis 1): (C,)."""
     r = _channel_rows(a)
     if r is None:
-        return a.sum(axis=tuple(i for i in range(a.ndim) if i != 1))
+        return a.sum(axis=_other_axes(a))
 
-    def part(rp, _):
-        w, k = _wide(rp)
-        return _fold(get_array_module(w).ones(w.shape[0], dtype=w.dtype) @ w, k)  # BLAS beats a row reduction
-    return _sum_parts(_row_parts(part, r))
+    def block(b):
+        w, k = _wide(b)
+        return _fold(_colsum(w), k)
+    return _sum_in_order(blockwise(block, r))
 
 
-def channel_dot(a, b):
-    """Sum over every axis but the channels of a * b: (C,)."""
-    ra, rb = _channel_rows(a), _channel_rows(b)
-    if ra is None or rb is None:
-        return (a * b).sum(axis=tuple(i for i in range(a.ndim) if i != 1))
+def channel_moments(x, shift):
+    """(sum of d, sum of d * d) over every axis but the channels, with d = x - shift[channel].
 
-    def part(pa, pb, _):
-        (wa, k), (wb, _k) = _wide(pa), _wide(pb)
-        return _fold(get_array_module(wa).einsum("ij,ij->j", wa, wb), k)
-    return _sum_parts(_row_parts(part, ra, rb))
+    A shift close to the mean keeps float32 sums of squares accurate (no E[x^2] - E[x]^2)."""
+    r = _channel_rows(x)
+    if r is None:
+        d = x - shift.reshape((1, -1) + (1,) * (x.ndim - 2))
+        return d.sum(axis=_other_axes(x)), (d * d).sum(axis=_other_axes(x))
+
+    def block(b):
+        w, k = _wide(b)
+        d = w - _tile(shift, k)  # in cache: the block was just read
+        return _fold(_colsum(d), k), _fold(get_array_module(w).einsum("ij,ij->j", d, d), k)
+    sums = blockwise(block, r)
+    return _sum_in_order([s for s, _ in sums]), _sum_in_order([q for _, q in sums])
+
+
+def channel_sums(g, x, shift):
+    """(sum of g, sum of g * (x - shift[channel])) over every axis but the channels, in one pass."""
+    rg, rx = _channel_rows(g), _channel_rows(x)
+    if rg is None or rx is None:
+        d = x - shift.reshape((1, -1) + (1,) * (x.ndim - 2))
+        return g.sum(axis=_other_axes(g)), (g * d).sum(axis=_other_axes(g))
+
+    def block(bg, bx):
+        (wg, k), (wx, _) = _wide(bg), _wide(bx)
+        d = wx - _tile(shift, k)
+        return _fold(_colsum(wg), k), _fold(get_array_module(wg).einsum("ij,ij->j", wg, d), k)
+    sums = blockwise(block, rg, rx)
+    return _sum_in_order([s for s, _ in sums]), _sum_in_order([q for _, q in sums])
 
 
 def channel_affine(a, scale, shift, b=None, b_scale=None):
     """a * scale + shift (+ b * b_scale), with per-channel (C,) vectors broadcast over every
-    axis but 1; `scale` None means 1. The output has a's memory layout."""
+    axis but 1. The output has a's memory layout."""
     xp = get_array_module(a)
     out = empty_like(a)
     ra, ro = _channel_rows(a), _channel_rows(out)
     rb = _channel_rows(b) if b is not None else ra
     if ra is None or rb is None or ro is None:
         shape = (1, -1) + (1,) * (a.ndim - 2)
-        out[...] = a if scale is None else a * scale.reshape(shape)
+        xp.multiply(a, scale.reshape(shape), out=out)
         if b is not None:
             out += b * b_scale.reshape(shape)
         out += shift.reshape(shape)
         return out
 
-    def part(pa, po, pb, _):
-        (wa, k), wo = _wide(pa), _wide(po)[0]
-        if scale is None:
-            xp.add(wa, _tile(shift, k), out=wo)
-            return
+    def block(ba, bo, bb):
+        (wa, k), wo = _wide(ba), _wide(bo)[0]
         xp.multiply(wa, _tile(scale, k), out=wo)
         wo += _tile(shift, k)
         if b is not None:
-            wo += _wide(pb)[0] * _tile(b_scale, k)
-    _row_parts(part, ra, ro, rb)
+            wo += _wide(bb)[0] * _tile(b_scale, k)
+    blockwise(block, ra, ro, rb)
     return out
 
 
@@ -385,7 +470,7 @@ def _conv2d_backward_full(gy, x, W, padding, need_gW: bool):
     parts = parallel_for(work, g.n, xp)
     gW = None
     if need_gW:  # gWflip[c, (i', j', oc)] holds dL/dW[oc, c, kh-1-i', kw-1-j']
-        gW = _sum_parts(parts).reshape(c, kh, kw, oc)[:, ::-1, ::-1].transpose(3, 0, 1, 2).copy()
+        gW = _sum_in_order(parts).reshape(c, kh, kw, oc)[:, ::-1, ::-1].transpose(3, 0, 1, 2).copy()
     return gx.transpose(0, 3, 1, 2), gW
 
 
@@ -404,7 +489,7 @@ def _conv2d_grad_weight(gy, x, W, stride, padding):
             if n0 != lo:
                 gWmat += tmp
         return gWmat.copy()
-    gWmat = _sum_parts(parallel_for(work, g.n, xp))
+    gWmat = _sum_in_order(parallel_for(work, g.n, xp))
     return gWmat.reshape(kh, kw, c, oc).transpose(3, 2, 0, 1).copy()
 
 

@@ -104,30 +104,30 @@ class BatchNorm(Function):
         self.eps, self.running = eps, running  # running: (mean, var) to normalize with in eval mode
 
     def forward(self, x, gamma, beta):
-        self.m = x.size // x.shape[1]  # values per channel
+        self.m = m = x.dtype.type(x.size // x.shape[1])  # values per channel
         if self.running is None:
-            mean = kernels.channel_sum(x) / x.dtype.type(self.m)
-            xc = kernels.channel_affine(x, None, -mean)  # x - mean
-            var = kernels.channel_dot(xc, xc) / x.dtype.type(self.m)
+            shift = x[(0, slice(None)) + (0,) * (x.ndim - 2)]  # one sample: near the mean, for accurate sums
+            s1, s2 = kernels.channel_moments(x, shift)  # sums of x - shift and of its square
+            mean, var = shift + s1 / m, self.xp.maximum(s2 / m - (s1 / m) ** 2, 0)
             self.batch_stats = mean, var
         else:
             mean, var = (s.astype(x.dtype, copy=False) for s in self.running)
-            xc = kernels.channel_affine(x, None, -mean)
-        # keep x - mean, not x-hat: backward folds invstd into per-channel factors instead of a pass here
-        self.xc, self.gamma = xc, gamma
+        self.x, self.mean, self.gamma = x, mean, gamma
         self.invstd = 1 / self.xp.sqrt(var + x.dtype.type(self.eps))
-        return kernels.channel_affine(xc, gamma * self.invstd, beta)
+        scale = gamma * self.invstd
+        return kernels.channel_affine(x, scale, beta - mean * scale)  # gamma * x-hat + beta
 
     def backward(self, gy):
-        xc, invstd, m = self.xc, self.invstd, gy.dtype.type(self.m)
-        gbeta = kernels.channel_sum(gy)
-        ggamma = kernels.channel_dot(gy, xc) * invstd  # sum of gy * x-hat
+        x, mean, invstd, m = self.x, self.mean, self.invstd, self.m
+        gbeta, gy_xc = kernels.channel_sums(gy, x, mean)  # sums of gy and of gy * (x - mean)
+        ggamma = gy_xc * invstd  # sum of gy * x-hat
         gx = None
         if self.needs_input_grad[0]:
             scale = self.gamma * invstd
             if self.running is None:  # the batch statistics depend on x too:
-                # gx = scale * (gy - mean(gy) - x-hat * mean(gy * x-hat))
-                gx = kernels.channel_affine(gy, scale, -scale * gbeta / m, xc, -scale * invstd * ggamma / m)
+                # gx = scale * (gy - mean(gy) - x-hat * mean(gy * x-hat)) = scale * gy + c * x + c0
+                c = -scale * invstd * ggamma / m
+                gx = kernels.channel_affine(gy, scale, -scale * gbeta / m - c * mean, x, c)
             else:
                 gx = kernels.channel_affine(gy, scale, self.xp.zeros_like(scale))
         return gx, ggamma, gbeta
