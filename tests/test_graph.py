@@ -256,3 +256,16 @@ def test_render_without_graphviz_says_to_install_it(tmp_path):
     assert "RuntimeError: render: the Graphviz program 'dot' is not installed" in done.stderr
     assert f"so {path} cannot be drawn; install graphviz" in done.stderr
     assert not path.exists()
+
+
+@needs_dot
+def test_readme_code_draws_the_pictures_in_the_repository(tmp_path):
+    section = (ROOT / "README.md").read_text().split("### The graph behind a tensor")[1]
+    code = section.split("```python\n")[1].split("```")[0]
+    (tmp_path / "examples/results/graph").mkdir(parents=True)
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                   check=True)
+    for name in ("block-forward.svg", "block-backward.svg"):
+        drawn, kept = (re.findall(r"<text[^>]*>([^<]*)</text>", (folder / name).read_text())
+                       for folder in (tmp_path / "examples/results/graph", ROOT / "examples/results/graph"))
+        assert sorted(drawn) == sorted(kept) and "layer2.0.conv2.weight" in drawn

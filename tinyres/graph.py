@@ -18,7 +18,7 @@ from .nn import Module
 from .tensor import Tensor, _topological_order
 
 _FORMATS = {".svg": "svg", ".png": "png"}
-_HEADER = ('digraph autograd {\n  rankdir=TB;\n  node [fontname="Helvetica", fontsize=10];\n'
+_HEADER = ('digraph autograd {\n  rankdir=TB;\n  ranksep=0.3;\n  node [fontname="Helvetica", fontsize=10];\n'
            '  edge [arrowsize=0.7];')
 _OP_STYLE = {False: 'shape=box, style="rounded,filled", fillcolor="#dbe8f6"',
              True: 'shape=box, style="rounded,filled", fillcolor="#f9dcc4"'}
