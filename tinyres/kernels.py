@@ -376,7 +376,7 @@ def col2im(dcol, out, sh: int, sw: int) -> None:
 class ConvGeometry:
     """Sizes of a convolution of NHWC `x` (n, h, w, c) with a (kh, kw) kernel."""
 
-    CHUNK_ROWS = 4096  # output pixels per im2col chunk: its columns stay in cache, its GEMM is large enough
+    CHUNK_ROWS = 2048  # output pixels per im2col chunk: its columns stay in cache, its GEMM is large enough
 
     def __init__(self, x_nhwc, kh: int, kw: int, stride: tuple[int, int], padding: tuple[int, int]):
         self.n, self.h, self.w, self.c = x_nhwc.shape
