@@ -23,6 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from train_step import blas_kernel
+
 import tinyres
 from tinyres.nn import functional as F
 
@@ -99,7 +101,7 @@ def main():
         return tinyres.tensor(a, requires_grad=grad, device=dev)
 
     print(f"# {datetime.date.today()} | {platform.processor() or platform.machine()} | {os.cpu_count()} cores | "
-          f"NumPy {np.__version__} | device {dev} | batch {n} | {tinyres.get_num_threads()} threads")
+          f"NumPy {np.__version__} ({blas_kernel()}) | device {dev} | batch {n} | {tinyres.get_num_threads()} threads")
     print("| op (ResNet-20 shape) | forward ms | backward ms | GFLOP/s fwd / bwd | per step | ms per step |")
     print("|---|---|---|---|---|---|")
     total = 0.0

@@ -170,6 +170,14 @@ def _run_child(framework: str, threads: int | None, depth: int, args) -> dict | 
     return None
 
 
+def blas_kernel() -> str:
+    """NumPy's BLAS and the CPU kernel it runs (OPENBLAS_CORETYPE, when set, forces an older one)."""
+    from threadpoolctl import threadpool_info
+    info = next((i for i in threadpool_info() if i["user_api"] == "blas"), {})
+    forced = f", OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}" if "OPENBLAS_CORETYPE" in os.environ else ""
+    return f"{info.get('internal_api', '?')} {info.get('version', '')} {info.get('architecture', '')}{forced}".strip()
+
+
 def _have_torch() -> bool:
     try:
         import importlib.util
@@ -201,7 +209,7 @@ def main() -> None:
     configs = [("tinyres", t) for t in (threads if args.device == "cpu" else [None])]
     configs += [] if args.no_torch or not _have_torch() else [("torch", None)]
     print(f"# {datetime.date.today()} | {platform.processor() or platform.machine()} | "
-          f"{cores} cores | Python {platform.python_version()} | NumPy {np.__version__} | "
+          f"{cores} cores | Python {platform.python_version()} | NumPy {np.__version__} ({blas_kernel()}) | "
           f"device {args.device} | batch {args.batch_size} | {args.rounds} processes each")
     rows = []
     for depth in args.depth:
