@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tinyres.backend import cuda_available
 from tinyres.checkpoint import CheckpointError
@@ -150,3 +151,11 @@ def removed_if_left_empty(folder: Path) -> Iterator[None]:
             with contextlib.suppress(OSError):  # not empty: the run wrote something worth keeping
                 p.rmdir()
         raise
+
+
+def save_figure(fig: Any, out: str | Path) -> Path:
+    """Write a matplotlib Figure to `out` (its folder made if needed); return the path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out

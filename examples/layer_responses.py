@@ -108,10 +108,7 @@ def plot_responses(results: list[tuple[str, int, bool, np.ndarray]], out: str | 
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    return out
+    return cli.save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:

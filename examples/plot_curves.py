@@ -11,15 +11,15 @@ ResNets on the right.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-# The object-oriented Figure renders PNGs with the Agg backend and never touches pyplot's
-# global state or a display, so this runs on headless machines and inside other programs.
-from matplotlib.figure import Figure
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for cli
+
+import cli
 
 # one colour per depth, close to the paper's figure
 DEPTH_COLORS = {20: "#f0a30a", 32: "#1f77b4", 44: "#2ca02c", 56: "#d62728", 110: "#000000", 1202: "#9467bd"}
@@ -41,6 +41,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """A run's label, depth, plain flag, evaluation rows and (possibly empty) dense training rows."""
     run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise cli.UsageError(f"{run_dir}: not a training run (no config.json); give the folders train_cifar.py wrote")
     config = json.loads((run_dir / "config.json").read_text())
     depth, plain = int(config["depth"]), bool(config.get("plain", False))
     shortcut = str(config.get("shortcut", "A")).upper()
@@ -63,6 +65,10 @@ def _color(depth: int, used: dict[int, str]) -> str:
 
 def plot_curves(run_dirs: list[str | Path], out: str | Path = "fig6.png", ymax: float | None = None) -> Path:
     """Draw Figure 6 (error % vs iterations; plain | ResNet panels) from run dirs into PNG `out`."""
+    # The object-oriented Figure renders PNGs with the Agg backend and never touches pyplot's
+    # global state or a display, so this runs on headless machines and inside other programs.
+    from matplotlib.figure import Figure
+
     runs = sorted((load_run(d) for d in run_dirs), key=lambda r: (r["depth"], r["label"]))
     fig = Figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
@@ -89,23 +95,21 @@ def plot_curves(run_dirs: list[str | Path], out: str | Path = "fig6.png", ymax: 
     axes[0].set_ylabel("error (%)")
     axes[0].set_ylim(0, ymax if ymax is not None else min(100.0, max(20.0, 1.05 * top)))
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    return out
+    return cli.save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run dirs in, PNG out."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("runs", nargs="+", help="run directories holding config.json, metrics.jsonl and train_log.jsonl")
     p.add_argument("--out", default="fig6.png", help="the PNG to write")
     p.add_argument("--ymax", type=float, default=None, help="top of the error axis in %% (default: fit the data)")
     args = p.parse_args(argv)
+    cli.require("matplotlib", "plot", "plot_curves.py")
     path = plot_curves(args.runs, args.out, args.ymax)
     print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -29,7 +29,16 @@ import cli
 
 from tinyres.atomic import write_text
 from tinyres.data import CIFAR10
-from tinyres.train import TrainConfig, build_model, count_parameters, model_name, paper_schedule, read_metrics, train
+from tinyres.train import (
+    TrainConfig,
+    build_model,
+    count_parameters,
+    default_eval_every,
+    model_name,
+    paper_schedule,
+    read_metrics,
+    train,
+)
 
 # Table 6 of the paper: CIFAR-10 test error (%) of the ResNets with option-A shortcuts
 PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
@@ -135,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="CIFAR-10 archive (default: $TINYRES_DATA, else download)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=None,
-                   help="iterations between evaluations and checkpoints (default: 1/10 of the run, at most 1000)")
+                   help="iterations between evaluations (default: 500, or 1000 on the paper's 64k; at most the run)")
     p.add_argument("--out", default="runs/reproduce", help="one subdirectory per net, results.md and fig6.png")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--report", action="store_true",
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     iters, milestones = paper_schedule(args.schedule)
     if args.iters is not None:
         iters, milestones = args.iters, cli.scaled_schedule(iters, milestones, args.iters)
-    eval_every = args.eval_every or max(1, min(1000, iters // 10))
+    eval_every = args.eval_every if args.eval_every is not None else default_eval_every(iters)
     out = Path(args.out)
     runs = [(depth, plain, shortcut, out / run_folder_name(depth, plain, shortcut))
             for depth, plain, shortcut in args.nets]
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = [TrainConfig(depth=depth, plain=plain, shortcut=shortcut, iters=iters, milestones=milestones,
                                batch_size=args.batch_size, val_split=args.val_split, device=args.device,
                                seed=args.seed, out=str(run_dir), resume=True, eval_every=eval_every,
-                               checkpoint_every=eval_every, progress=not args.quiet)
+                               progress=not args.quiet)
                    for depth, plain, shortcut, run_dir in runs]
         for config in configs:
             cli.check_config(config)

@@ -72,3 +72,21 @@ def real_cifar10() -> Path | None:
     env = os.environ.get("TINYRES_CIFAR10")
     path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
     return path if path.exists() else None
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """A tiny CIFAR-10 in the image-folder layout: train/<class>/*.png (4 each), test/<class>/*.png (2 each)."""
+    image = pytest.importorskip("PIL.Image")
+    from test_train import synthetic_cifar
+
+    from tinyres.data import CLASSES
+    root = tmp_path_factory.mktemp("cifar-images")
+    data = synthetic_cifar(400, 200, size=32, seed=1)
+    for split, images, labels, per_class in (("train", data.train_images, data.train_labels, 4),
+                                             ("test", data.test_images, data.test_labels, 2)):
+        for k, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i, x in enumerate(images[labels == k][:per_class]):
+                image.fromarray(x).save(root / split / name / f"{i:04d}.png")
+    return root

@@ -47,20 +47,6 @@ def _isolated_environment(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    """A tiny CIFAR-10 in the image-folder layout: train/<class>/*.png (4 each), test/<class>/*.png (2 each)."""
-    root = tmp_path_factory.mktemp("cifar-images")
-    data = synthetic_cifar(400, 200, size=32, seed=1)
-    for split, images, labels, per_class in (("train", data.train_images, data.train_labels, 4),
-                                             ("test", data.test_images, data.test_labels, 2)):
-        for k, name in enumerate(CLASSES):
-            (root / split / name).mkdir(parents=True)
-            for i, image in enumerate(images[labels == k][:per_class]):
-                Image.fromarray(image).save(root / split / name / f"{i:04d}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
 def trained_runs(tmp_path_factory) -> dict[str, Path]:
     """Two briefly trained 32x32 run directories: plain-8 and ResNet-8."""
     root = tmp_path_factory.mktemp("runs")

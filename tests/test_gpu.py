@@ -23,7 +23,7 @@ import tinyres
 from tinyres import models, optim
 from tinyres.backend import device_of
 from tinyres.checkpoint import load_checkpoint, save_checkpoint
-from tinyres.data import CLASSES, per_pixel_mean
+from tinyres.data import per_pixel_mean
 from tinyres.nn import functional as F
 from tinyres.train import evaluate, read_metrics, train, train_step
 
@@ -289,21 +289,6 @@ def test_gpu_training_resumes_exactly(gpu, tmp_path):
     assert_same_state(final_state(tmp_path / "broken", broken), final_state(tmp_path / "whole", broken))
     strip = [{k: v for k, v in r.items() if k != "elapsed"} for r in read_metrics(tmp_path / "broken")]
     assert strip == [{k: v for k, v in r.items() if k != "elapsed"} for r in read_metrics(tmp_path / "whole")]
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    """A tiny CIFAR-10 image folder: train/<class>/*.png (4 each), test/<class>/*.png (2 each)."""
-    image = pytest.importorskip("PIL.Image")
-    root = tmp_path_factory.mktemp("cifar-images")
-    data = synthetic_cifar(200, 100, size=32, seed=1)
-    for split, images, labels, per_class in (("train", data.train_images, data.train_labels, 4),
-                                             ("test", data.test_images, data.test_labels, 2)):
-        for k, name in enumerate(CLASSES):
-            (root / split / name).mkdir(parents=True)
-            for i, x in enumerate(images[labels == k][:per_class]):
-                image.fromarray(x).save(root / split / name / f"{i}.png")
-    return root
 
 
 def run_example(script: str, *args: str, cache: Path) -> str:

@@ -580,9 +580,7 @@ def test_reshape_and_permute_errors(device):
 
 
 @pytest.mark.gpu
-def test_mixing_devices_is_a_clear_error():
-    if not tinyres.cuda_available():
-        pytest.skip("CuPy with a GPU is not available")
+def test_mixing_devices_is_a_clear_error(gpu):
     a = leaf(np.ones((2, 3)), "cpu")
     b = leaf(np.ones((2, 3)), "cuda")
     with pytest.raises(RuntimeError, match=r"Add: inputs are on different devices \(cpu\(2, 3\), cuda\(2, 3\)\)"):

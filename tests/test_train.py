@@ -485,9 +485,8 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path, tiny_data):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not cuda_available(), reason="CuPy with a GPU is not available")
-def test_train_on_gpu(tmp_path, tiny_data):
-    result = train(tiny_config(tmp_path / "run", device="cuda"), data=tiny_data)
+def test_train_on_gpu(tmp_path, tiny_data, gpu):
+    result = train(tiny_config(tmp_path / "run", device=gpu), data=tiny_data)
     assert result["iterations"] == 12 and np.isfinite(result["train_loss"])
 
 

@@ -1,13 +1,8 @@
 """tinyres: a small reverse-mode autograd engine on NumPy/CuPy that trains the CIFAR-10 ResNets."""
 
-from . import (
-    models,
-    nn,
-    ops,  # noqa: F401  (first: it gives Tensor its operators and methods)
-    optim,
-)
+from . import graph, models, nn, ops, optim  # ops gives Tensor its operators and methods
 from .backend import cuda_available, get_array_module
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load, load_checkpoint, save, save_checkpoint
 from .gradcheck import gradcheck
 from .kernels import get_num_threads, set_num_threads
 from .ops import (
@@ -47,9 +42,9 @@ from .tensor import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tensor", "amax", "argmax", "as_tensor", "cat", "concatenate", "cuda_available", "exp", "flatten", "from_numpy",
-    "get_array_module", "get_num_threads", "gradcheck", "is_grad_enabled", "load_checkpoint", "log", "manual_seed",
-    "matmul", "max", "mean", "models", "nn", "no_grad", "ones", "ones_like", "optim", "permute", "randn", "relu",
-    "reshape", "save_checkpoint", "set_num_threads", "softmax", "stack", "sum", "tensor", "transpose", "zeros",
-    "zeros_like",
+    "Tensor", "amax", "argmax", "as_tensor", "cat", "concatenate", "cuda_available", "exp", "flatten",
+    "from_numpy", "get_array_module", "get_num_threads", "gradcheck", "graph", "is_grad_enabled", "load",
+    "load_checkpoint", "log", "manual_seed", "matmul", "max", "mean", "models", "nn", "no_grad", "ones", "ones_like",
+    "ops", "optim", "permute", "randn", "relu", "reshape", "save", "save_checkpoint", "set_num_threads", "softmax",
+    "stack", "sum", "tensor", "transpose", "zeros", "zeros_like",
 ]

@@ -23,16 +23,8 @@ import numpy as np
 
 from .backend import device_of, to_device
 from .nn import functional as F
-from .nn.modules import (
-    AdaptiveAvgPool2d,
-    BatchNorm2d,
-    Conv2d,
-    Linear,
-    MaxPool2d,
-    Module,
-    ReLU,
-    Sequential,
-)
+from .nn.layers import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Linear, MaxPool2d, ReLU
+from .nn.modules import Module, Sequential
 from .tensor import Tensor, no_grad
 
 __all__ = [

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import models, nn, optim
-from .backend import cuda_available
+from .backend import cuda_available, gpu_status
 from .data import CIFAR10
 from .nn import init
 from .progress import Progress
@@ -128,8 +128,8 @@ def train(config: TrainConfig, data: CIFAR10 | None = None,
     `KeyboardInterrupt` after saving a checkpoint on Ctrl-C or SIGTERM.
     """
     if config.device.startswith("cuda") and not cuda_available():
-        raise RuntimeError(f"device {config.device!r} requested, but CuPy with a usable GPU is not available "
-                           "(pip install 'tinyres[cuda]', or use device 'cpu')")
+        raise RuntimeError(f"device {config.device!r} requested, but CuPy with a usable GPU is not available: "
+                           f"{gpu_status().reason} (or use device 'cpu')")
     init.manual_seed(config.seed)  # the initial weights depend on the seed alone
     model = build_model(config.depth, config.plain, config.shortcut).to(config.device)
     run = Run(config, model, model_name(config.depth, config.plain, config.shortcut))

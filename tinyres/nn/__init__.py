@@ -1,7 +1,7 @@
 """Neural-network building blocks, as `torch.nn`."""
 
 from . import functional, init
-from .modules import (
+from .layers import (
     AdaptiveAvgPool2d,
     AvgPool2d,
     BatchNorm1d,
@@ -9,14 +9,11 @@ from .modules import (
     Conv2d,
     CrossEntropyLoss,
     Flatten,
-    Identity,
     Linear,
     MaxPool2d,
-    Module,
-    Parameter,
     ReLU,
-    Sequential,
 )
+from .modules import Identity, Module, Parameter, RemovableHandle, Sequential
 
 __all__ = [
     "AdaptiveAvgPool2d",
@@ -32,6 +29,7 @@ __all__ = [
     "Module",
     "Parameter",
     "ReLU",
+    "RemovableHandle",
     "Sequential",
     "functional",
     "init",

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-def _pair(v, name: str, op: str, low: int = 0) -> tuple[int, int]:
+def int_pair(v, name: str, op: str, low: int = 0) -> tuple[int, int]:
     """(v, v) for an int, v for a pair of ints; each at least `low`, else an error naming `op`."""
     t = (v, v) if isinstance(v, (int, np.integer)) else tuple(v) if isinstance(v, (tuple, list)) else ()
     if len(t) != 2 or any(not isinstance(a, (int, np.integer)) for a in t):
@@ -78,7 +78,7 @@ class Conv2d(Function):
 
 def conv2d(input, weight, bias=None, stride=1, padding=0) -> Tensor:
     """2-D convolution (cross-correlation): (N, C, H, W) * (OC, C, KH, KW) -> (N, OC, OH, OW)."""
-    stride, padding = _pair(stride, "stride", "conv2d", low=1), _pair(padding, "padding", "conv2d")
+    stride, padding = int_pair(stride, "stride", "conv2d", low=1), int_pair(padding, "padding", "conv2d")
     x, W = as_tensor(input), as_tensor(weight)
     if x.ndim != 4 or W.ndim != 4:
         raise ValueError(f"conv2d: expected input (N, C, H, W) and weight (OC, C, KH, KW), got {x.shape} and {W.shape}")
@@ -214,9 +214,9 @@ def _pool2d(mode: str, input, kernel_size, stride, padding) -> Tensor:
     op = f"{mode}_pool2d"
     x = as_tensor(input)
     _check_image(op, x)
-    k = _pair(kernel_size, "kernel_size", op, low=1)
-    s = _pair(stride if stride is not None else kernel_size, "stride", op, low=1)
-    p = _pair(padding, "padding", op)
+    k = int_pair(kernel_size, "kernel_size", op, low=1)
+    s = int_pair(stride if stride is not None else kernel_size, "stride", op, low=1)
+    p = int_pair(padding, "padding", op)
     if p[0] > k[0] // 2 or p[1] > k[1] // 2:
         raise ValueError(f"{op}: padding {p} must be at most half the kernel {k}")
     if k[0] > x.shape[2] + 2 * p[0] or k[1] > x.shape[3] + 2 * p[1]:
@@ -244,7 +244,7 @@ def global_avg_pool2d(input) -> Tensor:
 
 def adaptive_avg_pool2d(input, output_size=1) -> Tensor:
     """Adaptive average pooling; only output_size 1 (global pooling): -> (N, C, 1, 1)."""
-    if _pair(output_size, "output_size", "adaptive_avg_pool2d") != (1, 1):
+    if int_pair(output_size, "output_size", "adaptive_avg_pool2d") != (1, 1):
         raise ValueError(f"adaptive_avg_pool2d: only output_size=1 is supported, got {output_size!r}")
     return mean(as_tensor(input), (2, 3), keepdim=True)
 

@@ -1,0 +1,185 @@
+"""Elementwise and per-channel passes (ReLU, the shortcut add, batch norm's sums and affine maps),
+each over cache-sized blocks on every thread, keeping the memory layout of its input."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+from .threads import blockwise, sum_in_order
+
+# ---- elementwise, keeping the layout -----------------------------------------------------
+
+def _dense(a):
+    """A 1-D view of all of `a`'s memory when `a` is dense in some axis order (C-contiguous, or
+    channels-last, ...), else None. Arrays with the same strides have matching dense views."""
+    t = a.transpose(sorted(range(a.ndim), key=lambda i: -a.strides[i]))
+    return t.reshape(-1) if t.flags.c_contiguous else None
+
+
+def empty_like(a):
+    """An uninitialized array with `a`'s shape, dtype and memory layout (CuPy's ufuncs would
+    otherwise return C-contiguous outputs and lose the channels-last layout)."""
+    return get_array_module(a).empty_like(a)
+
+
+def _elementwise(ufunc, out, *arrays) -> bool:
+    """ufunc(*arrays, out=out) block by block over the threads, when all share one dense layout."""
+    if any(x.shape != out.shape or x.strides != out.strides for x in arrays):
+        return False
+    flat = [_dense(x) for x in (*arrays, out)]
+    if any(f is None for f in flat):
+        return False
+    blockwise(lambda *blocks: ufunc(*blocks[:-1], out=blocks[-1]), *flat)
+    return True
+
+
+def add(a, b):
+    """a + b; the output keeps a's memory layout when no broadcasting is involved."""
+    if a.shape != b.shape:
+        return a + b
+    out = empty_like(a)
+    if not _elementwise(get_array_module(a).add, out, a, b):
+        get_array_module(a).add(a, b, out=out)
+    return out
+
+
+def _relu(x, out):
+    return np.maximum(x, 0, out=out)
+
+
+def _masked(gy, y, out):
+    return np.multiply(gy, y > 0, out=out)
+
+
+def relu(x):
+    """max(x, 0), in x's memory layout."""
+    out = empty_like(x)
+    if not _elementwise(_relu, out, x):
+        get_array_module(x).maximum(x, 0, out=out)
+    return out
+
+
+def relu_grad(gy, y):
+    """gy where y > 0, else 0."""
+    out = empty_like(gy)
+    if not _elementwise(_masked, out, gy, y):
+        get_array_module(gy).multiply(gy, y > 0, out=out)
+    return out
+
+
+def log_softmax(x, axis: int):
+    """log(softmax(x)) along `axis`, shifted by the maximum so that exp cannot overflow."""
+    xp = get_array_module(x)
+    z = x - x.max(axis=axis, keepdims=True)
+    z -= xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
+    return z
+
+
+# ---- per-channel passes (batch norm) -----------------------------------------------------
+
+def _channel_rows(a):
+    """The (N*H*W, C) matrix of NCHW `a` (or `a` itself for (N, C)) when that is a
+    C-contiguous view, i.e. when `a`'s memory is channels-last; else None."""
+    if a.ndim == 2:
+        return a if a.flags.c_contiguous else None
+    r = a.transpose(0, 2, 3, 1)
+    return r.reshape(-1, a.shape[1]) if r.flags.c_contiguous else None
+
+
+def _wide(r, width: int = 512):
+    """`r` (rows, C) with k rows laid side by side as rows of about `width` values, and k.
+
+    NumPy broadcasts a (C,) vector over (rows, C) in inner loops of only C elements; on wide
+    rows the same passes run about twice as fast for C = 16 (benchmarks/ops.py)."""
+    rows, c = r.shape
+    k = 1
+    while k * 2 * c <= width and rows % (k * 2) == 0:
+        k *= 2
+    return r.reshape(rows // k, k * c), k
+
+
+def _tile(v, k: int):
+    return get_array_module(v).tile(v, k) if k > 1 else v
+
+
+def _fold(v, k: int):
+    return v.reshape(k, -1).sum(axis=0) if k > 1 else v
+
+
+def _other_axes(a) -> tuple[int, ...]:
+    return tuple(i for i in range(a.ndim) if i != 1)
+
+
+def _colsum(w):
+    """Column sums of a 2-D block as a matrix-vector product: BLAS beats a row-wise reduction."""
+    return get_array_module(w).ones(w.shape[0], dtype=w.dtype) @ w
+
+
+def channel_sum(a):
+    """Sum over every axis but the channels (axis 1): (C,)."""
+    r = _channel_rows(a)
+    if r is None:
+        return a.sum(axis=_other_axes(a))
+
+    def block(b):
+        w, k = _wide(b)
+        return _fold(_colsum(w), k)
+    return sum_in_order(blockwise(block, r))
+
+
+def channel_moments(x, shift):
+    """(sum of d, sum of d * d) over every axis but the channels, with d = x - shift[channel].
+
+    A shift close to the mean keeps float32 sums of squares accurate (no E[x^2] - E[x]^2)."""
+    r = _channel_rows(x)
+    if r is None:
+        d = x - shift.reshape((1, -1) + (1,) * (x.ndim - 2))
+        return d.sum(axis=_other_axes(x)), (d * d).sum(axis=_other_axes(x))
+
+    def block(b):
+        w, k = _wide(b)
+        d = w - _tile(shift, k)  # in cache: the block was just read
+        return _fold(_colsum(d), k), _fold(get_array_module(w).einsum("ij,ij->j", d, d), k)
+    sums = blockwise(block, r)
+    return sum_in_order([s for s, _ in sums]), sum_in_order([q for _, q in sums])
+
+
+def channel_sums(g, x, shift):
+    """(sum of g, sum of g * (x - shift[channel])) over every axis but the channels, in one pass."""
+    rg, rx = _channel_rows(g), _channel_rows(x)
+    if rg is None or rx is None:
+        d = x - shift.reshape((1, -1) + (1,) * (x.ndim - 2))
+        return g.sum(axis=_other_axes(g)), (g * d).sum(axis=_other_axes(g))
+
+    def block(bg, bx):
+        (wg, k), (wx, _) = _wide(bg), _wide(bx)
+        d = wx - _tile(shift, k)
+        return _fold(_colsum(wg), k), _fold(get_array_module(wg).einsum("ij,ij->j", wg, d), k)
+    sums = blockwise(block, rg, rx)
+    return sum_in_order([s for s, _ in sums]), sum_in_order([q for _, q in sums])
+
+
+def channel_affine(a, scale, shift, b=None, b_scale=None):
+    """a * scale + shift (+ b * b_scale), with per-channel (C,) vectors broadcast over every
+    axis but 1. The output has a's memory layout."""
+    xp = get_array_module(a)
+    out = empty_like(a)
+    ra, ro = _channel_rows(a), _channel_rows(out)
+    rb = _channel_rows(b) if b is not None else ra
+    if ra is None or rb is None or ro is None:
+        shape = (1, -1) + (1,) * (a.ndim - 2)
+        xp.multiply(a, scale.reshape(shape), out=out)
+        if b is not None:
+            out += b * b_scale.reshape(shape)
+        out += shift.reshape(shape)
+        return out
+
+    def block(ba, bo, bb):
+        (wa, k), wo = _wide(ba), _wide(bo)[0]
+        xp.multiply(wa, _tile(scale, k), out=wo)
+        wo += _tile(shift, k)
+        if b is not None:
+            wo += _wide(bb)[0] * _tile(b_scale, k)
+    blockwise(block, ra, ro, rb)
+    return out
