@@ -149,11 +149,14 @@ def _memory(device: str, framework: str) -> dict:
 
 
 def _child(args) -> None:
-    fn = measure_tinyres if args.framework == "tinyres" else measure_torch
+    if args.root:  # another checkout of tinyres, e.g. an older revision to compare with
+        sys.path.insert(0, args.root)
+    fn = measure_torch if args.framework == "torch" else measure_tinyres
     out = fn(args.depth[0], args.batch_size, args.steps, args.warmup, args.device)
-    if args.framework == "tinyres":
+    if args.framework != "torch":
         import tinyres
-        out["threads"] = tinyres.get_num_threads()
+        out["threads"] = tinyres.get_num_threads() if hasattr(tinyres, "get_num_threads") else None
+        out["tinyres"] = str(Path(tinyres.__file__).parent)
     print("RESULT " + json.dumps(out))
 
 
@@ -161,6 +164,8 @@ def _run_child(framework: str, threads: int | None, depth: int, args) -> dict | 
     cmd = [sys.executable, __file__, "--child", "--framework", framework, "--depth", str(depth),
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device]
+    if framework.startswith("tinyres@"):
+        cmd += ["--root", framework.split("@", 1)[1]]
     env = {**os.environ, **({"TINYRES_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     for line in proc.stdout.splitlines():
@@ -198,7 +203,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--baseline", metavar="PATH", help="also time the tinyres of this checkout (e.g. an older "
+                    "revision: git worktree add PATH REV), at its own thread setting")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("--framework", default="tinyres", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -207,6 +215,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = args.threads or ([cores, 1] if args.device == "cpu" and cores > 1 else [cores])
     configs = [("tinyres", t) for t in (threads if args.device == "cpu" else [None])]
+    configs += [(f"tinyres@{Path(args.baseline).resolve()}", None)] if args.baseline else []
     configs += [] if args.no_torch or not _have_torch() else [("torch", None)]
     print(f"# {datetime.date.today()} | {platform.processor() or platform.machine()} | "
           f"{cores} cores | Python {platform.python_version()} | NumPy {np.__version__} ({blas_kernel()}) | "
@@ -235,7 +244,7 @@ def _summary(depth: int, framework: str, runs: list[dict], batch: int) -> dict:
             "bwd_s": statistics.median(t for r in runs for t in r["bwd"]), "step_s": step,
             "process_step_s": per_process, "slowest_over_median": max(per_process) / statistics.median(per_process),
             "img_per_s": batch / step, "peak_mb": max(r["peak_mb"] for r in runs),
-            "dtypes": runs[0]["dtypes"], "version": runs[0].get("version", "")}
+            "dtypes": runs[0]["dtypes"], "version": runs[0].get("version", ""), "tinyres": runs[0].get("tinyres")}
 
 
 def _print_table(rows: list[dict], device: str) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+import tinyres
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,3 +73,16 @@ def test_ops_prints_every_op_and_the_gemm_floor():
     for r in conv_rows:  # times in ms, GFLOP/s to three significant digits: all positive
         assert float(r[1]) > 0 and float(r[2]) > 0
         assert all(float(v) > 0 for v in r[3].split(" / "))
+
+
+def test_train_step_times_another_checkout_beside_this_one(tmp_path):
+    """--baseline PATH: a second tinyres tree (here a copy of this one) timed in the same rounds."""
+    other = tmp_path / "other"
+    shutil.copytree(ROOT / "tinyres", other / "tinyres")
+    path = tmp_path / "result.json"
+    run("train_step.py", "--depth", "8", "--batch-size", "8", "--steps", "1", "--warmup", "1", "--rounds", "1",
+        "--threads", "1", "--no-torch", "--baseline", str(other), "--json", str(path))
+    ours, theirs = json.loads(path.read_text())
+    assert ours["framework"] == "tinyres" and theirs["framework"] == f"tinyres@{other.resolve()}"
+    assert theirs["tinyres"] == str(other.resolve() / "tinyres") and ours["tinyres"] == str(ROOT / "tinyres")
+    assert theirs["threads"] == tinyres.get_num_threads()  # the copy runs at its own default
