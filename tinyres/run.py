@@ -1,4 +1,4 @@
-"""The training loop behind `tinyres.train.train`: a run's state between iterations, and its steps.
+"""The training loop behind `tinyres.train.train`: a run's config, its state between iterations, and its steps.
 
 The loss and error of each iteration stay on the device; they are read in one transfer per
 log window (every `log_every` iterations, and before an evaluation or a checkpoint), so a GPU
@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -30,10 +30,48 @@ from .progress import Progress, hms
 from .rundir import RunDir
 from .tensor import Tensor, no_grad, tensor
 
-if TYPE_CHECKING:
-    from .train import TrainConfig
+__all__ = ["DivergenceError", "Run", "TrainConfig", "default_eval_every", "evaluate", "sgd_step"]
 
-__all__ = ["DivergenceError", "Run", "default_eval_every", "evaluate", "sgd_step"]
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; the defaults are the paper's CIFAR-10 recipe."""
+
+    depth: int = 20                 # 6n + 2 layers: 20, 32, 44, 56, 110, 1202
+    plain: bool = False             # a plain net (no shortcuts) instead of a ResNet
+    shortcut: str = "A"             # A: zero-padding identity, B: projections when shapes change, C: all projections
+    iters: int = 64_000
+    milestones: tuple[int, ...] = (32_000, 48_000)
+    lr: float = 0.1
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    warmup: bool | None = None      # None: warm up when depth >= 110, as the paper did for ResNet-110
+    warmup_lr: float = 0.01
+    warmup_iters: int = 400
+    warmup_error: float = 0.8
+    augment: bool = True
+    val_split: bool = False         # train on 45k, evaluate on 5k held out from the training set
+    val_size: int = 5000
+    eval_every: int | None = None   # None: default_eval_every(iters)
+    checkpoint_every: int | None = None   # iterations; None: every checkpoint_minutes of wall time
+    checkpoint_minutes: float = 10.0
+    log_every: int = 50             # iterations per row of the dense training curve (train_log.jsonl)
+    eval_batch_size: int = 1000
+    device: str = "cpu"
+    data_path: str | None = None    # the CIFAR-10 archive; None: $TINYRES_DATA, else download
+    seed: int = 0
+    out: str = "runs/run"
+    resume: bool = False
+    prefetch: int = 0               # batches prepared ahead in a background thread
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready values."""
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
 
 # resuming with a different network would load mismatched weights: these keys must agree
 ARCH_KEYS = ("depth", "plain", "shortcut")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from .backend import cuda_available, gpu_status
 from .data import CIFAR10
 from .nn import init
 from .progress import Progress
-from .run import DivergenceError, Run, default_eval_every, evaluate, sgd_step
+from .run import DivergenceError, Run, TrainConfig, default_eval_every, evaluate, sgd_step
 from .rundir import RunDir, read_jsonl
 from .tensor import Tensor
 
@@ -47,47 +46,6 @@ __all__ = [
     "train",
     "train_step",
 ]
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; the defaults are the paper's CIFAR-10 recipe."""
-
-    depth: int = 20                 # 6n + 2 layers: 20, 32, 44, 56, 110, 1202
-    plain: bool = False             # a plain net (no shortcuts) instead of a ResNet
-    shortcut: str = "A"             # A: zero-padding identity, B: projections when shapes change, C: all projections
-    iters: int = 64_000
-    milestones: tuple[int, ...] = (32_000, 48_000)
-    lr: float = 0.1
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    batch_size: int = 128
-    warmup: bool | None = None      # None: warm up when depth >= 110, as the paper did for ResNet-110
-    warmup_lr: float = 0.01
-    warmup_iters: int = 400
-    warmup_error: float = 0.8
-    augment: bool = True
-    val_split: bool = False         # train on 45k, evaluate on 5k held out from the training set
-    val_size: int = 5000
-    eval_every: int | None = None   # None: default_eval_every(iters)
-    checkpoint_every: int | None = None   # iterations; None: every checkpoint_minutes of wall time
-    checkpoint_minutes: float = 10.0
-    log_every: int = 50             # iterations per row of the dense training curve (train_log.jsonl)
-    eval_batch_size: int = 1000
-    device: str = "cpu"
-    data_path: str | None = None    # the CIFAR-10 archive; None: $TINYRES_DATA, else download
-    seed: int = 0
-    out: str = "runs/run"
-    resume: bool = False
-    prefetch: int = 0               # batches prepared ahead in a background thread
-    progress: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as JSON-ready values."""
-        d = dataclasses.asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
 
 
 # ---- building blocks ---------------------------------------------------------------------
