@@ -11,8 +11,6 @@ import tinyres
 from tinyres import nn, optim
 from tinyres.atomic import AtomicWriteError
 from tinyres.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tinyres.checkpoint import load as tinyres_load
-from tinyres.checkpoint import save as tinyres_save
 from tinyres.nn import functional as F
 from tinyres.nn import init
 
@@ -202,8 +200,8 @@ def test_save_and_load_state_dicts_round_trip(tmp_path):
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "step": np.int64(2), "note": None}
     path = tmp_path / "state.npz"
-    tinyres_save(state, path)
-    back = tinyres_load(path)
+    tinyres.save(state, path)
+    back = tinyres.load(path)
     assert_same_state(back["model"], model.state_dict())
     assert back["optimizer"]["param_groups"] == opt.state_dict()["param_groups"]
     assert list(back["optimizer"]["state"]) == list(opt.state_dict()["state"]) == [0, 1, 2, 3, 4]  # ints stay ints
@@ -220,6 +218,6 @@ def test_save_and_load_state_dicts_round_trip(tmp_path):
 
 def test_save_refuses_objects_and_load_refuses_other_files(tmp_path, saved):
     with pytest.raises(TypeError, match="cannot store a object"):
-        tinyres_save({"bad": object()}, tmp_path / "x.npz")
+        tinyres.save({"bad": object()}, tmp_path / "x.npz")
     with pytest.raises(CheckpointError, match="not a file written by tinyres.save"):
-        tinyres_load(saved)
+        tinyres.load(saved)
