@@ -181,3 +181,18 @@ def test_thread_count_from_the_environment_and_blas_held_to_one_thread():
     assert out.stdout.split()[0] == "3" and "[1]" in out.stdout
     bad = run_python("import tinyres", TINYRES_NUM_THREADS="two")
     assert bad.returncode != 0 and "TINYRES_NUM_THREADS must be a positive integer, got 'two'" in bad.stderr
+
+
+def test_a_block_keeps_the_channels_last_layout_on_every_device(device, xp):
+    """conv -> batch norm -> relu -> add -> relu: every output an NCHW view of channels-last memory,
+    on NumPy and on CuPy (whose ufuncs would otherwise return C-contiguous arrays)."""
+    rng = np.random.default_rng(0)
+    x = tinyres.tensor(rng.standard_normal((4, 8, 6, 6)).astype(np.float32), device=device, requires_grad=True)
+    W = tinyres.tensor((rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32), device=device)
+    y = F.conv2d(x, W, padding=1)
+    z = F.relu(F.batch_norm(y, None, None, training=True))
+    out = F.relu(z + y)
+    for t in (y, z, out):
+        assert t.data.transpose(0, 2, 3, 1).flags.c_contiguous
+    out.backward(xp.ones(out.shape, dtype=np.float32))
+    assert x.grad.data.transpose(0, 2, 3, 1).flags.c_contiguous

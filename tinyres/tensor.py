@@ -320,7 +320,7 @@ def run_backward(root: Tensor, gy) -> None:
         fn = t.grad_fn
         if fn is None:  # a leaf: accumulate into .grad
             if t.grad is None:
-                t.grad = Tensor(g if id(t) in owned else g.copy())
+                t.grad = Tensor(g if id(t) in owned else g.copy(order="K"))  # K: keep its memory layout
             else:
                 t.grad.data += g
             continue
