@@ -3,8 +3,6 @@ each over cache-sized blocks on every thread, keeping the memory layout of its i
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..backend import get_array_module
 from .threads import blockwise, sum_in_order
 
@@ -23,49 +21,43 @@ def empty_like(a):
     return get_array_module(a).empty_like(a)
 
 
-def _elementwise(ufunc, out, *arrays) -> bool:
-    """ufunc(*arrays, out=out) block by block over the threads, when all share one dense layout."""
-    if any(x.shape != out.shape or x.strides != out.strides for x in arrays):
-        return False
-    flat = [_dense(x) for x in (*arrays, out)]
+def _elementwise(fn, *arrays):
+    """fn(*arrays, out) into a new array in the layout of arrays[0]: block by block over the
+    threads when all the arrays share one dense layout, else in one call."""
+    out = empty_like(arrays[0])
+    flat = [_dense(x) for x in (*arrays, out)] if all(x.strides == out.strides for x in arrays) else [None]
     if any(f is None for f in flat):
-        return False
-    blockwise(lambda *blocks: ufunc(*blocks[:-1], out=blocks[-1]), *flat)
-    return True
+        fn(*arrays, out)
+    else:
+        blockwise(fn, *flat)
+    return out
+
+
+def _add(a, b, out):
+    get_array_module(a).add(a, b, out=out)
+
+
+def _relu(x, out):
+    get_array_module(x).maximum(x, 0, out=out)
+
+
+def _masked(gy, y, out):
+    get_array_module(gy).multiply(gy, y > 0, out=out)
 
 
 def add(a, b):
     """a + b; the output keeps a's memory layout when no broadcasting is involved."""
-    if a.shape != b.shape:
-        return a + b
-    out = empty_like(a)
-    if not _elementwise(get_array_module(a).add, out, a, b):
-        get_array_module(a).add(a, b, out=out)
-    return out
-
-
-def _relu(x, out):
-    return np.maximum(x, 0, out=out)
-
-
-def _masked(gy, y, out):
-    return np.multiply(gy, y > 0, out=out)
+    return _elementwise(_add, a, b) if a.shape == b.shape else a + b
 
 
 def relu(x):
     """max(x, 0), in x's memory layout."""
-    out = empty_like(x)
-    if not _elementwise(_relu, out, x):
-        get_array_module(x).maximum(x, 0, out=out)
-    return out
+    return _elementwise(_relu, x)
 
 
 def relu_grad(gy, y):
     """gy where y > 0, else 0."""
-    out = empty_like(gy)
-    if not _elementwise(_masked, out, gy, y):
-        get_array_module(gy).multiply(gy, y > 0, out=out)
-    return out
+    return _elementwise(_masked, gy, y)
 
 
 def log_softmax(x, axis: int):
