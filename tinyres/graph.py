@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .atomic import write_bytes
 from .nn import Module
-from .tensor import Tensor, _topological_order
+from .tensor import Tensor, topological_order
 
 _FORMATS = {".svg": "svg", ".png": "png"}
 _HEADER = ('digraph autograd {\n  rankdir=TB;\n  ranksep=0.3;\n  node [fontname="Helvetica", fontsize=10];\n'
@@ -33,7 +33,7 @@ def to_dot(t: Tensor, model: Module | None = None, backward: bool = False) -> st
         if not t.requires_grad:
             raise RuntimeError(f"to_dot(backward=True): tensor of shape {t.shape} does not require grad, "
                                "so no gradient flows through it")
-        tensors = _topological_order(t)  # the engine's own visit order, so the numbers below are its steps
+        tensors = topological_order(t)  # the engine's own visit order, so the numbers below are its steps
     else:
         tensors = _graph_tensors(t)
     index = {id(x): i for i, x in enumerate(tensors)}

@@ -283,7 +283,7 @@ class Function:
         raise NotImplementedError
 
 
-def _topological_order(root: Tensor) -> list[Tensor]:
+def topological_order(root: Tensor) -> list[Tensor]:
     """Tensors of the graph under `root`, each before the tensors it was computed from.
 
     An iterative depth-first search: a recursive one hits Python's recursion limit on ResNet-110.
@@ -313,7 +313,7 @@ def run_backward(root: Tensor, gy) -> None:
     """Propagate `gy` = dL/d(root) to every leaf under `root`, freeing the graph as it goes."""
     grads: dict[int, Any] = {id(root): gy}
     owned: set[int] = set()  # gradients we allocated ourselves and may add into in place
-    for t in _topological_order(root):
+    for t in topological_order(root):
         g = grads.pop(id(t), None)
         if g is None:
             continue
