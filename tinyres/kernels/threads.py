@@ -62,7 +62,7 @@ def _configure_process() -> None:
     BLAS: the kernels parallelize over the batch themselves, and an OpenBLAS worker left spinning
     beside them can halve the speed of a whole process. Memory: glibc returns every freed array
     above 128 KB to the system, so each training step's fresh activations cost ~36,000 page faults
-    (about 15 % of a ResNet-20 step, benchmarks/README.md); raising its thresholds keeps them in
+    (7–19 % of a ResNet-20 step, benchmarks/README.md); raising its thresholds keeps them in
     the heap for the next step, as PyTorch's caching allocator does. TINYRES_KEEP_MEMORY=0 opts out."""
     global _configured
     if _configured:
