@@ -216,3 +216,17 @@ def test_freed_activations_are_reused_instead_of_faulted_in_again():
         assert out.returncode == 0, out.stderr
         faults[keep] = int(out.stdout)
     assert faults["0"] > 1000 and faults["1"] < faults["0"] / 10, faults  # measured: ~36,800 against 9
+
+
+def test_kernels_called_from_several_threads_at_once_agree_with_one_thread(threads):
+    """Two threads running convolutions at once: each gets its own scratch buffers."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads(2)
+    inputs = [make_inputs(n=12, hw=10)[:2] for _ in range(2)]
+    inputs[1] = (inputs[1][0] * 3, inputs[1][1])
+    alone = [kernels.conv2d_forward(x, W, (1, 1), (1, 1)) for x, W in inputs]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(5):
+            together = list(pool.map(lambda xW: kernels.conv2d_forward(*xW, (1, 1), (1, 1)), inputs))
+            for a, b in zip(alone, together):
+                assert np.array_equal(a, b)

@@ -53,8 +53,8 @@ def im2col_chunks(x_nhwc, g: ConvGeometry, lo: int, hi: int, part: int):
     inner runs are kw * C contiguous values."""
     xp = get_array_module(x_nhwc)
     dt = x_nhwc.dtype
-    pad = scratch(xp, part, f"pad{g.ph},{g.pw}", (g.chunk, g.h + 2 * g.ph, g.w + 2 * g.pw, g.c), dt)
-    cols = scratch(xp, part, "cols", (g.chunk * g.pixels, g.k), dt)
+    pad = scratch(xp, f"pad{g.ph},{g.pw}", (g.chunk, g.h + 2 * g.ph, g.w + 2 * g.pw, g.c), dt)
+    cols = scratch(xp, "cols", (g.chunk * g.pixels, g.k), dt)
     for n0 in range(lo, hi, g.chunk):
         n1 = min(n0 + g.chunk, hi)
         m = n1 - n0
@@ -112,8 +112,8 @@ def _conv2d_backward_full(gy, x, W, padding, need_gW: bool):
     gxrows = gx.reshape(-1, c)
 
     def work(lo, hi, part):
-        gWflip = scratch(xp, part, "gW", (c, g.k), W.dtype) if need_gW else None
-        tmp = scratch(xp, part, "gWtmp", (c, g.k), W.dtype) if need_gW else None
+        gWflip = scratch(xp, "gW", (c, g.k), W.dtype) if need_gW else None
+        tmp = scratch(xp, "gWtmp", (c, g.k), W.dtype) if need_gW else None
         for n0, n1, cols in im2col_chunks(gyh, g, lo, hi, part):
             rows = slice(n0 * g.pixels, n1 * g.pixels)
             xp.matmul(cols, Wflip, out=gxrows[rows])
@@ -137,8 +137,8 @@ def _conv2d_grad_weight(gy, x, W, stride, padding):
     gyrows = _nhwc(gy).reshape(-1, oc)
 
     def work(lo, hi, part):
-        gWmat = scratch(xp, part, "gW", (g.k, oc), W.dtype)
-        tmp = scratch(xp, part, "gWtmp", (g.k, oc), W.dtype)
+        gWmat = scratch(xp, "gW", (g.k, oc), W.dtype)
+        tmp = scratch(xp, "gWtmp", (g.k, oc), W.dtype)
         for n0, n1, cols in im2col_chunks(xh, g, lo, hi, part):
             xp.matmul(cols.T, gyrows[n0 * g.pixels:n1 * g.pixels], out=gWmat if n0 == lo else tmp)
             if n0 != lo:
@@ -157,8 +157,8 @@ def _conv2d_grad_input_col2im(gy, x, W, stride, padding):
     gx = xp.empty((g.n, g.h, g.w, c), dtype=x.dtype)
 
     def work(lo, hi, part):
-        dcols = scratch(xp, part, "cols", (g.chunk * g.pixels, g.k), x.dtype)
-        gpad = scratch(xp, part, "gpad", (g.chunk, g.h + 2 * g.ph + g.sh, g.w + 2 * g.pw + g.sw, c), x.dtype)
+        dcols = scratch(xp, "cols", (g.chunk * g.pixels, g.k), x.dtype)
+        gpad = scratch(xp, "gpad", (g.chunk, g.h + 2 * g.ph + g.sh, g.w + 2 * g.pw + g.sw, c), x.dtype)
         for n0 in range(lo, hi, g.chunk):
             m = min(g.chunk, hi - n0)
             d = dcols[:m * g.pixels]

@@ -111,15 +111,19 @@ def _part(fn, lo: int, hi: int, part: int):
 _scratch: dict[tuple, Any] = {}
 
 
-def scratch(xp, part: int, name: str, shape: tuple[int, ...], dtype) -> Any:
-    """A buffer for thread `part`, allocated (and zero-filled) on first use, reused after.
+def scratch(xp, name: str, shape: tuple[int, ...], dtype) -> Any:
+    """A zero-filled buffer for the calling thread, allocated on first use and reused after.
 
-    Callers that rely on zeros keep them: the padded copies below only ever write the interior.
+    Keyed by thread, so two threads never share one (kernels called from several threads at once
+    stay correct). Callers that rely on zeros keep them: the padded copies only write the interior.
+    On CuPy a fresh buffer every time: its memory pool already recycles them.
     """
-    key = (xp.__name__, part, name, shape, np.dtype(dtype).str)
+    if xp is not np:
+        return xp.zeros(shape, dtype=dtype)
+    key = (threading.get_ident(), name, shape, np.dtype(dtype).str)
     buf = _scratch.get(key)
     if buf is None:
-        buf = _scratch[key] = xp.zeros(shape, dtype=dtype)
+        buf = _scratch[key] = np.zeros(shape, dtype=dtype)
     return buf
 
 
