@@ -105,9 +105,9 @@ def test_per_channel_passes_match_numpy(threads):
         s, t, u = (rng.standard_normal(16) for _ in range(3))
         np.testing.assert_allclose(kernels.channel_sum(a), a.sum(axis=axes))
         d = a - t.reshape(shape)
-        for got, want in zip(kernels.channel_moments(a, t), (d.sum(axis=axes), (d * d).sum(axis=axes))):
+        for got, want in zip(kernels.channel_sums(a, t), (d.sum(axis=axes), (d * d).sum(axis=axes))):
             np.testing.assert_allclose(got, want)
-        for got, want in zip(kernels.channel_sums(b, a, t), (b.sum(axis=axes), (b * d).sum(axis=axes))):
+        for got, want in zip(kernels.channel_sums(a, t, b), (b.sum(axis=axes), (b * d).sum(axis=axes))):
             np.testing.assert_allclose(got, want)
         y = kernels.channel_affine(a, s, t, b, u)
         np.testing.assert_allclose(y, a * s.reshape(shape) + t.reshape(shape) + b * u.reshape(shape))

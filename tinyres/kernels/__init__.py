@@ -21,7 +21,6 @@ from .conv import ConvGeometry, col2im, conv2d_backward, conv2d_forward, im2col_
 from .passes import (
     add,
     channel_affine,
-    channel_moments,
     channel_sum,
     channel_sums,
     empty_like,
@@ -31,7 +30,7 @@ from .passes import (
 )
 from .threads import blockwise, free_scratch, get_num_threads, parallel_for, scratch, set_num_threads
 
-__all__ = ["ConvGeometry", "add", "blockwise", "channel_affine", "channel_moments", "channel_sum", "channel_sums",
+__all__ = ["ConvGeometry", "add", "blockwise", "channel_affine", "channel_sum", "channel_sums",
            "col2im", "conv2d_backward", "conv2d_forward", "empty_like", "free_scratch", "get_num_threads",
            "im2col_chunks", "log_softmax", "parallel_for", "relu", "relu_grad", "scratch", "set_num_threads",
            "windows"]

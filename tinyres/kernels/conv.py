@@ -45,7 +45,7 @@ class ConvGeometry:
         self.chunk = self.n if xp is not np else max(1, min(self.n, self.CHUNK_ROWS // self.pixels))
 
 
-def im2col_chunks(x_nhwc, g: ConvGeometry, lo: int, hi: int, part: int):
+def im2col_chunks(x_nhwc, g: ConvGeometry, lo: int, hi: int):
     """Yield (n0, n1, columns) for images lo..hi of NHWC `x`, a chunk of images at a time.
 
     columns is ((n1-n0) * oh * ow, kh * kw * C), rows ordered (image, oh, ow) and columns
@@ -71,6 +71,14 @@ def _nhwc(a):
     return get_array_module(a).ascontiguousarray(a.transpose(0, 2, 3, 1))
 
 
+def _matmul_add(a, b, acc, tmp, first: bool) -> None:
+    """acc = a @ b on the first chunk, acc += a @ b after (through `tmp`, with no allocation)."""
+    xp = get_array_module(a)
+    xp.matmul(a, b, out=acc if first else tmp)
+    if not first:
+        acc += tmp
+
+
 def conv2d_forward(x, W, stride: tuple[int, int], padding: tuple[int, int]):
     """y = x (N, C, H, W) cross-correlated with W (OC, C, KH, KW): the NCHW view of NHWC memory."""
     xp = get_array_module(x)
@@ -82,7 +90,7 @@ def conv2d_forward(x, W, stride: tuple[int, int], padding: tuple[int, int]):
     yrows = y.reshape(-1, oc)
 
     def work(lo, hi, part):
-        for n0, n1, cols in im2col_chunks(xh, g, lo, hi, part):
+        for n0, n1, cols in im2col_chunks(xh, g, lo, hi):
             xp.matmul(cols, Wmat, out=yrows[n0 * g.pixels:n1 * g.pixels])
     parallel_for(work, g.n, xp)
     return y.transpose(0, 3, 1, 2)
@@ -114,13 +122,11 @@ def _conv2d_backward_full(gy, x, W, padding, need_gW: bool):
     def work(lo, hi, part):
         gWflip = scratch(xp, "gW", (c, g.k), W.dtype) if need_gW else None
         tmp = scratch(xp, "gWtmp", (c, g.k), W.dtype) if need_gW else None
-        for n0, n1, cols in im2col_chunks(gyh, g, lo, hi, part):
+        for n0, n1, cols in im2col_chunks(gyh, g, lo, hi):
             rows = slice(n0 * g.pixels, n1 * g.pixels)
             xp.matmul(cols, Wflip, out=gxrows[rows])
             if need_gW:
-                xp.matmul(xrows[rows].T, cols, out=gWflip if n0 == lo else tmp)
-                if n0 != lo:
-                    gWflip += tmp
+                _matmul_add(xrows[rows].T, cols, gWflip, tmp, first=n0 == lo)
         return gWflip.copy() if need_gW else None
     parts = parallel_for(work, g.n, xp)
     gW = None
@@ -139,10 +145,8 @@ def _conv2d_grad_weight(gy, x, W, stride, padding):
     def work(lo, hi, part):
         gWmat = scratch(xp, "gW", (g.k, oc), W.dtype)
         tmp = scratch(xp, "gWtmp", (g.k, oc), W.dtype)
-        for n0, n1, cols in im2col_chunks(xh, g, lo, hi, part):
-            xp.matmul(cols.T, gyrows[n0 * g.pixels:n1 * g.pixels], out=gWmat if n0 == lo else tmp)
-            if n0 != lo:
-                gWmat += tmp
+        for n0, n1, cols in im2col_chunks(xh, g, lo, hi):
+            _matmul_add(cols.T, gyrows[n0 * g.pixels:n1 * g.pixels], gWmat, tmp, first=n0 == lo)
         return gWmat.copy()
     gWmat = sum_in_order(parallel_for(work, g.n, xp))
     return gWmat.reshape(kh, kw, c, oc).transpose(3, 2, 0, 1).copy()

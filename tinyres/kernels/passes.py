@@ -120,35 +120,23 @@ def channel_sum(a):
     return sum_in_order(blockwise(block, r))
 
 
-def channel_moments(x, shift):
-    """(sum of d, sum of d * d) over every axis but the channels, with d = x - shift[channel].
+def channel_sums(x, shift, g=None):
+    """(sum of u, sum of u * (x - shift[channel])) over every axis but the channels, in one pass,
+    where u is `g`, or x - shift itself when `g` is None (then: the shifted sum and sum of squares).
 
     A shift close to the mean keeps float32 sums of squares accurate (no E[x^2] - E[x]^2)."""
-    r = _channel_rows(x)
-    if r is None:
+    rx, rg = _channel_rows(x), _channel_rows(g) if g is not None else None
+    if rx is None or (g is not None and rg is None):
         d = x - shift.reshape((1, -1) + (1,) * (x.ndim - 2))
-        return d.sum(axis=_other_axes(x)), (d * d).sum(axis=_other_axes(x))
+        u = d if g is None else g
+        return u.sum(axis=_other_axes(x)), (u * d).sum(axis=_other_axes(x))
 
-    def block(b):
-        w, k = _wide(b)
-        d = w - _tile(shift, k)  # in cache: the block was just read
-        return _fold(_colsum(d), k), _fold(get_array_module(w).einsum("ij,ij->j", d, d), k)
-    sums = blockwise(block, r)
-    return sum_in_order([s for s, _ in sums]), sum_in_order([q for _, q in sums])
-
-
-def channel_sums(g, x, shift):
-    """(sum of g, sum of g * (x - shift[channel])) over every axis but the channels, in one pass."""
-    rg, rx = _channel_rows(g), _channel_rows(x)
-    if rg is None or rx is None:
-        d = x - shift.reshape((1, -1) + (1,) * (x.ndim - 2))
-        return g.sum(axis=_other_axes(g)), (g * d).sum(axis=_other_axes(g))
-
-    def block(bg, bx):
-        (wg, k), (wx, _) = _wide(bg), _wide(bx)
-        d = wx - _tile(shift, k)
-        return _fold(_colsum(wg), k), _fold(get_array_module(wg).einsum("ij,ij->j", wg, d), k)
-    sums = blockwise(block, rg, rx)
+    def block(bx, bg=None):
+        wx, k = _wide(bx)
+        d = wx - _tile(shift, k)  # in cache: the block was just read
+        u = d if bg is None else _wide(bg)[0]
+        return _fold(_colsum(u), k), _fold(get_array_module(u).einsum("ij,ij->j", u, d), k)
+    sums = blockwise(block, rx) if g is None else blockwise(block, rx, rg)
     return sum_in_order([s for s, _ in sums]), sum_in_order([q for _, q in sums])
 
 

@@ -107,7 +107,7 @@ class BatchNorm(Function):
         self.m = m = x.dtype.type(x.size // x.shape[1])  # values per channel
         if self.running is None:
             shift = x[(0, slice(None)) + (0,) * (x.ndim - 2)]  # one sample: near the mean, for accurate sums
-            s1, s2 = kernels.channel_moments(x, shift)  # sums of x - shift and of its square
+            s1, s2 = kernels.channel_sums(x, shift)  # sums of x - shift and of its square
             mean, var = shift + s1 / m, self.xp.maximum(s2 / m - (s1 / m) ** 2, 0)
             self.batch_stats = mean, var
         else:
@@ -119,7 +119,7 @@ class BatchNorm(Function):
 
     def backward(self, gy):
         x, mean, invstd, m = self.x, self.mean, self.invstd, self.m
-        gbeta, gy_xc = kernels.channel_sums(gy, x, mean)  # sums of gy and of gy * (x - mean)
+        gbeta, gy_xc = kernels.channel_sums(x, mean, gy)  # sums of gy and of gy * (x - mean)
         ggamma = gy_xc * invstd  # sum of gy * x-hat
         gx = None
         if self.needs_input_grad[0]:
