@@ -320,45 +320,7 @@ def to(x: Tensor, device: str | None = None, dtype=None) -> Tensor:
     return x
 
 
-# ---- Tensor's operators and methods ------------------------------------------------------
-
-def _comparison(op):
-    return lambda self, other: Tensor(op(self.data, other.data if isinstance(other, Tensor) else other))
-
-
-def _install_tensor_methods() -> None:
-    """Give Tensor its arithmetic operators and op methods, now that the ops exist."""
-    T = Tensor
-    T.__add__ = lambda self, other: add(self, other)
-    T.__radd__ = lambda self, other: add(other, self)
-    T.__sub__ = lambda self, other: sub(self, other)
-    T.__rsub__ = lambda self, other: sub(other, self)
-    T.__mul__ = lambda self, other: mul(self, other)
-    T.__rmul__ = lambda self, other: mul(other, self)
-    T.__truediv__ = lambda self, other: div(self, other)
-    T.__rtruediv__ = lambda self, other: div(other, self)
-    T.__neg__ = neg
-    T.__pow__ = pow
-    T.__matmul__ = lambda self, other: matmul(self, other)
-    T.__rmatmul__ = lambda self, other: matmul(other, self)
-    T.__getitem__ = getitem
-    # comparisons give plain (non-differentiable) boolean tensors
-    T.__lt__, T.__le__ = _comparison(np.less), _comparison(np.less_equal)
-    T.__gt__, T.__ge__ = _comparison(np.greater), _comparison(np.greater_equal)
-    for f in (exp, log, relu, sum, mean, amax, argmax, reshape, flatten, transpose, permute, matmul, to):
-        setattr(T, f.__name__, f)
-    T.max = amax
-    T.view = reshape
-    T.T = property(lambda self: permute(self, *reversed(range(self.ndim))))
-    T.cpu = lambda self: to(self, "cpu")
-    T.cuda = lambda self: to(self, "cuda")
-    T.float = lambda self: to(self, dtype=np.float32)
-    T.double = lambda self: to(self, dtype=np.float64)
-    T.softmax = lambda self, dim=-1: softmax(self, dim)
-    T.log_softmax = lambda self, dim=-1: log_softmax(self, dim)
-
-
-# ---- softmax (here because Tensor.softmax needs it) --------------------------------------
+# ---- softmax ------------------------------------------------------------------------------
 
 class LogSoftmax(Function):
     def __init__(self, dim):
@@ -380,6 +342,37 @@ def log_softmax(x, dim: int = -1) -> Tensor:
 def softmax(x, dim: int = -1) -> Tensor:
     """exp(x) / sum(exp(x)) along `dim`."""
     return exp(log_softmax(x, dim))
+
+
+# ---- Tensor's operators and methods ------------------------------------------------------
+
+def _comparison(op):
+    return lambda self, other: Tensor(op(self.data, other.data if isinstance(other, Tensor) else other))
+
+
+def _install_tensor_methods() -> None:
+    """Give Tensor its arithmetic operators and op methods, now that the ops exist."""
+    T = Tensor
+    T.__add__, T.__sub__, T.__mul__, T.__truediv__, T.__matmul__ = add, sub, mul, div, matmul
+    T.__radd__ = lambda self, other: add(other, self)
+    T.__rsub__ = lambda self, other: sub(other, self)
+    T.__rmul__ = lambda self, other: mul(other, self)
+    T.__rtruediv__ = lambda self, other: div(other, self)
+    T.__rmatmul__ = lambda self, other: matmul(other, self)
+    T.__neg__, T.__pow__, T.__getitem__ = neg, pow, getitem
+    # comparisons give plain (non-differentiable) boolean tensors
+    T.__lt__, T.__le__ = _comparison(np.less), _comparison(np.less_equal)
+    T.__gt__, T.__ge__ = _comparison(np.greater), _comparison(np.greater_equal)
+    for f in (exp, log, relu, softmax, log_softmax, sum, mean, amax, argmax, reshape, flatten, transpose, permute,
+              matmul, to):
+        setattr(T, f.__name__, f)
+    T.max = amax
+    T.view = reshape
+    T.T = property(lambda self: permute(self, *reversed(range(self.ndim))))
+    T.cpu = lambda self: to(self, "cpu")
+    T.cuda = lambda self: to(self, "cuda")
+    T.float = lambda self: to(self, dtype=np.float32)
+    T.double = lambda self: to(self, dtype=np.float64)
 
 
 _install_tensor_methods()

@@ -184,9 +184,8 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     """`x` as a Tensor; scalars and 0-d arrays take the dtype and device of `like`, as in PyTorch."""
     if isinstance(x, Tensor):
         return x
-    scalar = np.isscalar(x) or (getattr(x, "ndim", None) == 0 and (not is_cupy(x) or like is not None
-                                                                 and like.device == "cuda"))
-    if like is not None and scalar:
+    # a 0-d array counts as a scalar when it can go to like's device (a NumPy one always can)
+    if like is not None and (np.isscalar(x) or getattr(x, "ndim", None) == 0 and device_of(x) in ("cpu", like.device)):
         xp = get_array_module(like.data)
         return Tensor(xp.asarray(x, dtype=like.dtype))
     return Tensor(x)
