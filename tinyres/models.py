@@ -35,6 +35,7 @@ __all__ = [
     "ZeroPadShortcut",
     "cifar_plain",
     "cifar_resnet",
+    "count_parameters",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -230,6 +231,11 @@ def resnet152(num_classes: int = 1000, shortcut: str | None = "B", stride_in_3x3
 
 # ---- summary -----------------------------------------------------------------------------
 
+def count_parameters(model: Module) -> int:
+    """Number of trainable scalars in `model`."""
+    return int(sum(p.numel() for p in model.parameters()))
+
+
 def _conv_shape_and_macs(conv: Conv2d, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
     n, c, h, w = shape
     if c != conv.in_channels:
@@ -276,7 +282,7 @@ def summary(model: Module, input_shape: tuple[int, ...] = (1, 3, 32, 32), file: 
         if isinstance(module, (Conv2d, Linear)):
             _, macs = _shape_and_macs(module, inputs[0].shape)
         rows.append({"name": names.get(id(module), "?"), "type": type(module).__name__, "macs": macs,
-                     "params": sum(p.numel() for p in module.parameters())})
+                     "params": count_parameters(module)})
         open_rows.append(len(rows) - 1)
 
     def leave(module: Module, inputs: tuple, output: Any) -> None:
@@ -303,7 +309,7 @@ def summary(model: Module, input_shape: tuple[int, ...] = (1, 3, 32, 32), file: 
         for m, mode in modes.items():
             m.training = mode
 
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = count_parameters(model)
     total_macs = sum(r["macs"] for r in rows)
     out = file if file is not None else sys.stdout
     print(f"{'Layer (type)':<44} {'Output shape':<22} {'Params':>12} {'Mult-adds':>16}", file=out)

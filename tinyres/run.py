@@ -25,6 +25,7 @@ from . import nn, optim
 from .backend import get_array_module, to_device
 from .checkpoint import load_checkpoint, required, save_checkpoint
 from .data import CIFAR10, DataLoader, load_cifar10, per_pixel_mean, to_float, train_val_split
+from .models import count_parameters
 from .nn import functional as F
 from .progress import Progress, hms
 from .rundir import RunDir
@@ -230,8 +231,7 @@ class Run:
         self.dir.start(cfg.to_dict(), self.mean)
         if cfg.resume:
             self.say(f"no checkpoint in {self.dir.out} to resume: starting from scratch")
-        n_params = int(sum(p.data.size for p in self.model.parameters()))
-        self.say(f"{n_params:,} parameters, {len(train_x):,} training images, {len(self.eval_x):,} {self.split} "
+        self.say(f"{count_parameters(self.model):,} parameters, {len(train_x):,} training images, {len(self.eval_x):,} {self.split} "
                  f"images, {cfg.iters:,} iterations on {cfg.device}; out: {self.dir.out}")
 
     def _check_out_dir(self) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 from . import models, nn, optim
 from .backend import cuda_available, gpu_status
 from .data import CIFAR10
+from .models import count_parameters
 from .nn import init
 from .progress import Progress
 from .run import DivergenceError, Run, TrainConfig, default_eval_every, evaluate, sgd_step
@@ -60,11 +61,6 @@ def model_name(depth: int, plain: bool = False, shortcut: str = "A") -> str:
     if plain:
         return f"plain-{depth}"
     return f"ResNet-{depth}" + ("" if shortcut.upper() == "A" else f" ({shortcut.upper()})")
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable scalars in `model`."""
-    return int(sum(p.data.size for p in model.parameters()))
 
 
 def train_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tensor) -> tuple[float, float]:
