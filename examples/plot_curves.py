@@ -21,21 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for cli
 
 import cli
 
+from tinyres.train import read_metrics, read_train_log
+
 # one colour per depth, close to the paper's figure
 DEPTH_COLORS = {20: "#f0a30a", 32: "#1f77b4", 44: "#2ca02c", 56: "#d62728", 110: "#000000", 1202: "#9467bd"}
 FALLBACK_COLORS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines log, stopping at a last line cut short by a kill (empty if no file)."""
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -47,8 +37,8 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     depth, plain = int(config["depth"]), bool(config.get("plain", False))
     shortcut = str(config.get("shortcut", "A")).upper()
     label = f"plain-{depth}" if plain else f"ResNet-{depth}" + ("" if shortcut == "A" else f" ({shortcut})")
-    return {"label": label, "depth": depth, "plain": plain, "rows": read_rows(run_dir / "metrics.jsonl"),
-            "train_rows": read_rows(run_dir / "train_log.jsonl"), "dir": str(run_dir)}
+    return {"label": label, "depth": depth, "plain": plain, "rows": read_metrics(run_dir),
+            "train_rows": read_train_log(run_dir), "dir": str(run_dir)}
 
 
 def training_curve(run: dict[str, Any]) -> tuple[list[int], list[float]]:
