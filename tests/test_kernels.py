@@ -136,6 +136,26 @@ def test_elementwise_kernels_keep_the_layout_and_match_numpy(threads):
             assert got.strides == a.strides or not dense
     mixed = kernels.add(channels_last(np.ones((2, 3, 4, 4))), np.ones((2, 3, 4, 4)))  # layouts differ
     assert np.array_equal(mixed, np.full((2, 3, 4, 4), 2.0))
+    into = a.copy(order="K")
+    assert kernels.add(into, b, out=into) is into and np.array_equal(into, a + b)
+
+
+def test_a_gradient_broadcast_from_a_reduction_does_not_spread_c_order(threads):
+    # global average pooling's backward is a broadcast view; the ReLU before it, and the gradient
+    # summed where a tensor feeds two ops, keep the channels-last layout of the activations
+    threads(2)
+    rng = np.random.default_rng(0)
+    y = channels_last(rng.standard_normal((8, 6, 5, 5)).astype(np.float32))
+    gy = np.broadcast_to(rng.standard_normal((8, 6, 1, 1)).astype(np.float32), y.shape)
+    g = kernels.relu_grad(gy, y)
+    assert g.strides == y.strides and np.array_equal(g, gy * (y > 0))
+    assert kernels.add(gy, y).strides == y.strides
+
+    x = tinyres.Tensor(y, requires_grad=True)
+    z = F.relu(x)
+    (F.global_avg_pool2d(z).sum() + (z * z).sum()).backward()  # z's gradient: broadcast + dense
+    assert x.grad.data.strides == y.strides
+    np.testing.assert_allclose(x.grad.numpy(), (1 / 25 + 2 * np.maximum(y, 0)) * (y > 0), rtol=1e-6)
 
 
 def test_parallel_for_covers_the_range_in_order_and_waits_for_every_part(threads):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import kernels
 from .backend import device_of, get_array_module, is_cupy, normalize_device, to_device
 
 
@@ -333,9 +334,9 @@ def run_backward(root: Tensor, gy) -> None:
             if k not in grads:
                 grads[k] = gx
             elif k in owned:
-                grads[k] += gx
+                kernels.add(grads[k], gx, out=grads[k])
             else:  # the first gradient may be a view of another array: never add into it
-                grads[k] = grads[k] + gx
+                grads[k] = kernels.add(gx, grads[k])
                 owned.add(k)
         # free the graph as we go: saved arrays die with the Function
         t.grad_fn, t._freed = None, True

@@ -21,10 +21,13 @@ def empty_like(a):
     return get_array_module(a).empty_like(a)
 
 
-def _elementwise(fn, *arrays):
-    """fn(*arrays, out) into a new array in the layout of arrays[0]: block by block over the
-    threads when all the arrays share one dense layout, else in one call."""
-    out = empty_like(arrays[0])
+def _elementwise(fn, *arrays, out=None):
+    """fn(*arrays, out) into `out`, or a new array in the layout of the first dense one of
+    `arrays` (a gradient broadcast from a reduction is not dense; what follows it should not
+    inherit its C order): block by block over the threads when all the arrays and `out` share
+    one dense layout, else in one call."""
+    if out is None:
+        out = empty_like(next((x for x in arrays if _dense(x) is not None), arrays[0]))
     flat = [_dense(x) for x in (*arrays, out)] if all(x.strides == out.strides for x in arrays) else [None]
     if any(f is None for f in flat):
         fn(*arrays, out)
@@ -45,9 +48,12 @@ def _masked(gy, y, out):
     get_array_module(gy).multiply(gy, y > 0, out=out)
 
 
-def add(a, b):
-    """a + b; the output keeps a's memory layout when no broadcasting is involved."""
-    return _elementwise(_add, a, b) if a.shape == b.shape else a + b
+def add(a, b, out=None):
+    """a + b (into `out`, which may be `a`); without broadcasting, the output keeps the memory
+    layout of a (or of b when a is not dense)."""
+    if a.shape != b.shape:
+        return a + b if out is None else get_array_module(a).add(a, b, out=out)
+    return _elementwise(_add, a, b, out=out)
 
 
 def relu(x):
