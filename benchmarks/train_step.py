@@ -8,9 +8,10 @@ it is importable, in PyTorch with the same network and recipe.
 Each (framework, depth, thread count) is measured in its own fresh process, as a user runs one,
 so peak memory (RSS on the CPU, memory-pool bytes on the GPU) belongs to that measurement alone;
 the configurations alternate over `--rounds` rounds so that drift in machine load hits all alike.
-Reported: the median step over all processes, the spread of the per-process medians, and the
+Reported: the median step over all processes, the spread of the per-process medians, the
 slowest process against the median one (a program fast in one process and slow in the next has
-a bug). tinyres runs with each `--threads` count (default: all cores, then one); PyTorch with its own
+a bug), and against PyTorch both the ratio of the median steps and the median (and range) of
+each round's ratio, its tinyres process against its PyTorch process. tinyres runs with each `--threads` count (default: all cores, then one); PyTorch with its own
 default (all cores).
 """
 
@@ -223,11 +224,11 @@ def main() -> None:
     rows = []
     for depth in args.depth:
         runs: dict[tuple, list[dict]] = {c: [] for c in configs}
-        for _ in range(args.rounds):
+        for i in range(args.rounds):
             for c in configs:
                 r = _run_child(*c, depth, args)
                 if r:
-                    runs[c].append(r)
+                    runs[c].append({**r, "round": i})
         rows += [_summary(depth, framework, rs, args.batch_size) for (framework, _), rs in runs.items() if rs]
     _print_table(rows, args.device)
     if args.json:
@@ -242,24 +243,33 @@ def _summary(depth: int, framework: str, runs: list[dict], batch: int) -> dict:
     return {"depth": depth, "framework": framework, "threads": runs[0].get("threads"),
             "fwd_s": statistics.median(t for r in runs for t in r["fwd"]),
             "bwd_s": statistics.median(t for r in runs for t in r["bwd"]), "step_s": step,
-            "process_step_s": per_process, "slowest_over_median": max(per_process) / statistics.median(per_process),
+            "process_step_s": per_process, "rounds": [r["round"] for r in runs], "slowest_over_median": max(per_process) / statistics.median(per_process),
             "img_per_s": batch / step, "peak_mb": max(r["peak_mb"] for r in runs),
             "dtypes": runs[0]["dtypes"], "version": runs[0].get("version", ""), "tinyres": runs[0].get("tinyres")}
+
+
+def round_ratios(row: dict, ref: dict) -> list[float]:
+    """Each round's tinyres process against the PyTorch process of the same round: pairs taken
+    minutes apart drift with the machine less than the medians of all rounds do."""
+    torch_step = dict(zip(ref["rounds"], ref["process_step_s"]))
+    return [s / torch_step[i] for i, s in zip(row["rounds"], row["process_step_s"]) if i in torch_step]
 
 
 def _print_table(rows: list[dict], device: str) -> None:
     mem = "peak RSS MB" if device == "cpu" else "peak pool MB"
     print(f"| net | framework | threads | forward s | backward+update s | step s | processes' steps s | "
-          f"slowest / median | images/s | {mem} | dtypes | vs PyTorch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"slowest / median | images/s | {mem} | dtypes | vs PyTorch | rounds vs PyTorch: median (range) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next((q for q in rows if q["depth"] == r["depth"] and q["framework"] == "torch"), None)
         ratio = f"{r['step_s'] / ref['step_s']:.2f}x" if ref and r["framework"] == "tinyres" else ""
+        paired = round_ratios(r, ref) if ref and r["framework"] == "tinyres" else []
+        paired_text = f"{statistics.median(paired):.2f}x ({min(paired):.2f}–{max(paired):.2f})" if paired else ""
         name = r["framework"] + (f" {r['version']}" if r["version"] else "")
         spread = f"{min(r['process_step_s']):.3f}–{max(r['process_step_s']):.3f}"
         print(f"| ResNet-{r['depth']} | {name} | {r['threads'] or ''} | {r['fwd_s']:.3f} | {r['bwd_s']:.3f} | "
               f"{r['step_s']:.3f} | {spread} | {r['slowest_over_median']:.2f} | {r['img_per_s']:.0f} | "
-              f"{r['peak_mb']:.0f} | {','.join(r['dtypes'])} | {ratio} |")
+              f"{r['peak_mb']:.0f} | {','.join(r['dtypes'])} | {ratio} | {paired_text} |")
 
 
 if __name__ == "__main__":

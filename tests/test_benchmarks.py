@@ -51,15 +51,31 @@ def test_train_step_times_a_step_in_float32(tmp_path):
 def test_train_step_compares_with_pytorch_in_the_same_run(tmp_path):
     path = tmp_path / "result.json"
     out = run("train_step.py", "--depth", "8", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-              "--rounds", "1", "--threads", "1", "--json", str(path))
+              "--rounds", "2", "--threads", "1", "--json", str(path))
     rows = table_rows(out, "ResNet-8")
     assert [r[1].split()[0] for r in rows] == ["tinyres", "torch"]
     # the printed step times are rounded to the millisecond, too coarse at this size: take the
-    # unrounded ones from the JSON; the ratio itself is printed to two decimals
+    # unrounded ones from the JSON; the ratios themselves are printed to two decimals
     tinyres_row, torch_row = json.loads(path.read_text())
     assert (tinyres_row["framework"], torch_row["framework"].split()[0]) == ("tinyres", "torch")
     ratio = float(rows[0][11].rstrip("x"))
     assert ratio == pytest.approx(tinyres_row["step_s"] / torch_row["step_s"], abs=0.006)
+    # each round's tinyres process against that round's PyTorch process
+    assert tinyres_row["rounds"] == torch_row["rounds"] == [0, 1]
+    paired = [a / b for a, b in zip(tinyres_row["process_step_s"], torch_row["process_step_s"])]
+    median, spread = rows[0][12].split(" ", 1)
+    assert float(median.rstrip("x")) == pytest.approx(sum(paired) / 2, abs=0.006)
+    assert spread == f"({min(paired):.2f}–{max(paired):.2f})"
+    assert rows[1][12] == ""
+
+
+def test_round_ratios_pair_the_processes_of_each_round():
+    spec = importlib.util.spec_from_file_location("train_step", ROOT / "benchmarks" / "train_step.py")
+    train_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_step)
+    tinyres_row = {"rounds": [0, 1, 3], "process_step_s": [0.30, 0.45, 0.40]}
+    torch_row = {"rounds": [0, 2, 3], "process_step_s": [0.20, 0.25, 0.32]}  # round 1's process failed
+    assert train_step.round_ratios(tinyres_row, torch_row) == pytest.approx([1.5, 1.25])
 
 
 def test_ops_prints_every_op_and_the_gemm_floor():
