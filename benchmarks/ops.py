@@ -138,8 +138,8 @@ def _layer_gemms(n, c_in, c, hw, stride):
     from tinyres.kernels import ConvGeometry
 
     rng = np.random.default_rng(0)
-    oh, k = hw // stride, 9 * c_in
-    step = max(1, min(n, ConvGeometry.CHUNK_ROWS // (oh * oh)))
+    g = ConvGeometry(np.empty((n, hw, hw, c_in), np.float32), 3, 3, (stride, stride), (1, 1))
+    oh, k, step = g.oh, g.k, g.chunk  # the chunks conv2d uses
     cols, wmat = rng.standard_normal((step * oh * oh, k), dtype=np.float32), rng.standard_normal((k, c), dtype=np.float32)
     y = np.empty((step * oh * oh, c), np.float32)
     tf = timeit(lambda: np.matmul(cols, wmat, out=y), "cpu") * -(-n // step)

@@ -31,7 +31,12 @@ def col2im(dcol, out, sh: int, sw: int) -> None:
 class ConvGeometry:
     """Sizes of a convolution of NHWC `x` (n, h, w, c) with a (kh, kw) kernel."""
 
-    CHUNK_ROWS = 2048  # output pixels per im2col chunk: its columns stay in cache, its GEMM is large enough
+    # A chunk of images has at most CHUNK_ROWS output pixels and CHUNK_BYTES of im2col columns: its
+    # columns stay in cache between the copy and the GEMM(s) that read them, its GEMMs are large
+    # enough. Measured on whole training steps (benchmarks/README.md): 2,048 rows on the 16-channel
+    # layers (1.2 MB of columns), 1,024 and 512 on the 32- and 64-channel ones.
+    CHUNK_ROWS = 2048
+    CHUNK_BYTES = 1_200_000
 
     def __init__(self, x_nhwc, kh: int, kw: int, stride: tuple[int, int], padding: tuple[int, int]):
         self.n, self.h, self.w, self.c = x_nhwc.shape
@@ -42,7 +47,8 @@ class ConvGeometry:
         self.pixels = self.oh * self.ow  # output rows per image
         self.k = kh * kw * self.c  # columns per row
         xp = get_array_module(x_nhwc)
-        self.chunk = self.n if xp is not np else max(1, min(self.n, self.CHUNK_ROWS // self.pixels))
+        rows = min(self.CHUNK_ROWS, self.CHUNK_BYTES // (self.k * x_nhwc.dtype.itemsize))
+        self.chunk = self.n if xp is not np else max(1, min(self.n, rows // self.pixels))
 
 
 def im2col_chunks(x_nhwc, g: ConvGeometry, lo: int, hi: int):
