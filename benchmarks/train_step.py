@@ -262,8 +262,9 @@ def _print_table(rows: list[dict], device: str) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next((q for q in rows if q["depth"] == r["depth"] and q["framework"] == "torch"), None)
-        ratio = f"{r['step_s'] / ref['step_s']:.2f}x" if ref and r["framework"] == "tinyres" else ""
-        paired = round_ratios(r, ref) if ref and r["framework"] == "tinyres" else []
+        mine = ref is not None and r["framework"].startswith("tinyres")  # this checkout or --baseline's
+        ratio = f"{r['step_s'] / ref['step_s']:.2f}x" if mine else ""
+        paired = round_ratios(r, ref) if mine else []
         paired_text = f"{statistics.median(paired):.2f}x ({min(paired):.2f}–{max(paired):.2f})" if paired else ""
         name = r["framework"] + (f" {r['version']}" if r["version"] else "")
         spread = f"{min(r['process_step_s']):.3f}–{max(r['process_step_s']):.3f}"
