@@ -11,8 +11,8 @@ the configurations alternate over `--rounds` rounds so that drift in machine loa
 Reported: the median step over all processes, the spread of the per-process medians, the
 slowest process against the median one (a program fast in one process and slow in the next has
 a bug), and against PyTorch both the ratio of the median steps and the median (and range) of
-each round's ratio, its tinyres process against its PyTorch process. tinyres runs with each `--threads` count (default: all cores, then one); PyTorch with its own
-default (all cores).
+each round's ratio, its tinyres process against its PyTorch process. tinyres runs with each
+`--threads` count (default: all cores, then one); PyTorch with its own default (all cores).
 """
 
 from __future__ import annotations
@@ -243,7 +243,8 @@ def _summary(depth: int, framework: str, runs: list[dict], batch: int) -> dict:
     return {"depth": depth, "framework": framework, "threads": runs[0].get("threads"),
             "fwd_s": statistics.median(t for r in runs for t in r["fwd"]),
             "bwd_s": statistics.median(t for r in runs for t in r["bwd"]), "step_s": step,
-            "process_step_s": per_process, "rounds": [r["round"] for r in runs], "slowest_over_median": max(per_process) / statistics.median(per_process),
+            "process_step_s": per_process, "rounds": [r["round"] for r in runs],
+            "slowest_over_median": max(per_process) / statistics.median(per_process),
             "img_per_s": batch / step, "peak_mb": max(r["peak_mb"] for r in runs),
             "dtypes": runs[0]["dtypes"], "version": runs[0].get("version", ""), "tinyres": runs[0].get("tinyres")}
 
