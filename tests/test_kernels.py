@@ -94,6 +94,17 @@ def test_chunked_threaded_convolution_matches_direct_loops(threads, stride, pad,
     assert y.transpose(0, 2, 3, 1).flags.c_contiguous  # an NCHW view of channels-last memory
 
 
+def test_a_chunk_is_held_to_its_rows_and_to_the_bytes_of_its_columns():
+    # ResNet's layers at batch 128: 2,048 rows of 144 columns (1.2 MB) on 16 channels, but wider
+    # columns take fewer rows: 1,024 rows of 288 on 32 channels, 512 of 576 on 64
+    def chunk(c, hw, dtype=np.float32):
+        return kernels.ConvGeometry(np.empty((128, hw, hw, c), dtype), 3, 3, (1, 1), (1, 1)).chunk
+    assert (chunk(16, 32), chunk(32, 16), chunk(64, 8)) == (2, 4, 8)
+    assert chunk(64, 8, np.float64) == 4  # the bytes count: float64 halves the rows
+    assert chunk(256, 32) == 1  # at least one image, however wide
+    assert chunk(3, 2) == 128  # never more than the batch
+
+
 def test_per_channel_passes_match_numpy(threads):
     threads(2)
     rng = np.random.default_rng(0)
