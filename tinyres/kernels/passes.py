@@ -52,7 +52,7 @@ def add(a, b, out=None):
     """a + b (into `out`, which may be `a`); without broadcasting, the output keeps the memory
     layout of a (or of b when a is not dense)."""
     if a.shape != b.shape:
-        return a + b if out is None else get_array_module(a).add(a, b, out=out)
+        return get_array_module(a).add(a, b, out=out)
     return _elementwise(_add, a, b, out=out)
 
 
