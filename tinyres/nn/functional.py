@@ -100,8 +100,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0) -> Tensor:
 class BatchNorm(Function):
     """y = gamma * x-hat + beta, x-hat = (x - mean) / sqrt(var + eps), per channel over N, H, W."""
 
-    def __init__(self, eps, running=None):
+    def __init__(self, eps, running=None, all_sum=None):
         self.eps, self.running = eps, running  # running: (mean, var) to normalize with in eval mode
+        self.all_sum = all_sum  # sums a per-channel array over the ranks of a job (SyncBatchNorm), or None
 
     def forward(self, x, gamma, beta):
         self.m = m = x.dtype.type(x.size // x.shape[1])  # values per channel
@@ -109,7 +110,9 @@ class BatchNorm(Function):
             shift = x[(0, slice(None)) + (0,) * (x.ndim - 2)]  # one sample: near the mean, for accurate sums
             s1, s2 = kernels.channel_sums(x, shift)  # sums of x - shift and of its square
             mean, var = shift + s1 / m, self.xp.maximum(s2 / m - (s1 / m) ** 2, 0)
-            self.batch_stats = mean, var
+            if self.all_sum is not None:  # the batch is every rank's batch together
+                self.m, mean, var = pooled_moments(m, mean, var, self.all_sum)
+            self.batch_stats = mean, var, self.m
         else:
             mean, var = (s.astype(x.dtype, copy=False) for s in self.running)
         self.x, self.mean, self.gamma = x, mean, gamma
@@ -126,21 +129,40 @@ class BatchNorm(Function):
             scale = self.gamma * invstd
             if self.running is None:  # the batch statistics depend on x too:
                 # gx = scale * (gy - mean(gy) - x-hat * mean(gy * x-hat)) = scale * gy + c * x + c0
-                c = -scale * invstd * ggamma / m
-                gx = kernels.channel_affine(gy, scale, -scale * gbeta / m - c * mean, x, c)
+                sum_gy, sum_gy_xhat = gbeta, ggamma
+                if self.all_sum is not None:  # ... on every rank's x: the means are over all ranks
+                    sum_gy, sum_gy_xhat = self.xp.split(self.all_sum(self.xp.concatenate([gbeta, ggamma])), 2)
+                c = -scale * invstd * sum_gy_xhat / m
+                gx = kernels.channel_affine(gy, scale, -scale * sum_gy / m - c * mean, x, c)
             else:
                 gx = kernels.channel_affine(gy, scale, self.xp.zeros_like(scale))
-        return gx, ggamma, gbeta
+        return gx, ggamma, gbeta  # this rank's share: data-parallel training averages them
+
+
+def pooled_moments(m, mean, var, all_sum):
+    """(count, mean, variance) over every rank's values, from each rank's own count m, mean and variance (C,).
+
+    The ranks add up m, m * mean and m * (var + mean^2), the sums of 1, x and x^2, in float64, so
+    that E[x^2] - E[x]^2 keeps the digits that float32 would lose when the mean is large beside the spread.
+    """
+    xp, dtype = get_array_module(mean), mean.dtype
+    mean64, var64 = mean.astype(xp.float64), var.astype(xp.float64)
+    sums = all_sum(xp.concatenate([xp.full(1, m, dtype=xp.float64), m * mean64, m * (var64 + mean64 ** 2)]))
+    count, sum_x, sum_x2 = sums[0], sums[1:len(mean) + 1], sums[len(mean) + 1:]
+    mean64 = sum_x / count
+    return count.astype(dtype), mean64.astype(dtype), xp.maximum(sum_x2 / count - mean64 ** 2, 0).astype(dtype)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+               momentum: float = 0.1, eps: float = 1e-5, all_sum=None) -> Tensor:
     """Batch normalization over N (and H, W) per channel of (N, C) or (N, C, H, W).
 
     In training, normalizes with the batch statistics and then updates `running_mean` and
     `running_var` (arrays or Tensors, or None) in place, outside the graph:
     running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance,
     as PyTorch does. In eval, normalizes with the running statistics.
+    `all_sum(array)`, given, sums an array over the ranks of a data-parallel job: the batch
+    statistics and their gradients are then those of all the ranks' batches together (SyncBatchNorm).
     """
     x = as_tensor(input)
     c = x.shape[1] if x.ndim > 1 else 0
@@ -162,9 +184,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     m = x.numel() // max(c, 1)
     if m < 2:
         raise ValueError(f"batch_norm: training needs more than one value per channel, got input {x.shape}")
-    fn = BatchNorm(eps)
+    fn = BatchNorm(eps, all_sum=all_sum)
     y = fn(x, weight, bias)
-    mean, var = fn.batch_stats
+    mean, var, m = fn.batch_stats
+    m = float(m)  # values per channel in the whole batch, over all ranks
     del fn.batch_stats
     if rm is not None:
         rm *= 1 - momentum
