@@ -65,6 +65,7 @@ class TrainConfig:
     out: str = "runs/run"
     resume: bool = False
     prefetch: int = 0               # batches prepared ahead in a background thread
+    sync_bn: bool = True            # under mpiexec: batch statistics over all ranks' images (else each rank's own)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +114,8 @@ def sgd_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tensor)
     loss = F.cross_entropy(logits, y)
     optimizer.zero_grad()
     loss.backward()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model.reduce_gradients()  # the mean over the ranks: the gradient of the whole batch
     optimizer.step()
     return loss.data, (logits.data.argmax(axis=1) != y.data).mean()
 
@@ -357,8 +360,7 @@ class Run:
     def log_evaluation(self) -> None:
         """Evaluate, and log one row of metrics.jsonl with the training averages since the last one."""
         self.read_pending()
-        test_loss, test_err = evaluate(self.model, self.eval_x, self.eval_y, self.mean, self.cfg.eval_batch_size,
-                                       self.cfg.device)
+        test_loss, test_err = self.evaluate()
         train_loss, train_err = self.eval_window.means()
         row = {"iter": self.it, "lr": self.lr_used, "train_loss": train_loss, "train_err": train_err,
                "test_loss": test_loss, "test_err": test_err, "split": self.split,
@@ -370,6 +372,10 @@ class Run:
                           f"  ({hms(row['elapsed'])} elapsed)")
         self.eval_window = Window()
         self.progress.pause()
+
+    def evaluate(self) -> tuple[float, float]:
+        """Loss and error on the evaluation images."""
+        return evaluate(self.model, self.eval_x, self.eval_y, self.mean, self.cfg.eval_batch_size, self.cfg.device)
 
     def save(self) -> None:
         """Checkpoint the run, keeping the previous checkpoint; never one with NaN or infinite weights."""
