@@ -201,3 +201,14 @@ def test_a_batch_that_does_not_split_evenly_is_refused_before_any_work(tmp_path)
     assert done.returncode == 2
     assert "--batch-size 16 cannot be split evenly over the 3 processes" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+@needs_mpi
+def test_reproduce_under_mpiexec_prints_and_writes_once(tmp_path, image_folder):
+    pytest.importorskip("matplotlib")
+    done = run(2, ROOT / "examples" / "reproduce.py", "--nets", "resnet-20", "--iters", "4", "--batch-size", "8",
+               "--data", image_folder, "--out", tmp_path, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("# CIFAR-10") == 1 and done.stderr.count("== ResNet-20") == 1
+    assert len(read_jsonl(tmp_path / "resnet-20" / "metrics.jsonl")) == 1
+    assert (tmp_path / "results.md").exists() and (tmp_path / "fig6.png").exists()
