@@ -3,6 +3,7 @@ ranks spend talking.
 
     python benchmarks/data_parallel.py                   # 2 ranks x 1 thread vs 1 process x 2 threads
     python benchmarks/data_parallel.py --ranks 4 --rounds 5
+    python benchmarks/data_parallel.py --cluster 2 4 8 16 32   # and a model on paper of P one-core ranks
 
 Both train ResNet-20 on the same global batch (128) with the trainer's step (`tinyres.run.sgd_step`):
 the ranks with synchronized batch norm and `DistributedDataParallel`, each on its part of the
@@ -12,6 +13,12 @@ Reported: images per second (median over all timed steps of a configuration), ea
 ratio, and for the ranks the messages of a step (count and bytes of all-reduces and broadcasts)
 with the seconds spent in them, inside the step (which includes waiting for the slower rank)
 and alone (the same messages sent back to back after a barrier, which is their pure cost).
+
+`--cluster P ...` adds a model on paper of P ranks of one core each, on a network of
+`--latency-us` and `--bandwidth-gbs`: a step costs the measured one-thread step of 128/P images
+(timed here, in fresh processes) plus the step's messages, each small all-reduce 2 log2(P)
+latencies (recursive doubling) and the gradient bucket a ring all-reduce, 2 (P - 1) latencies and
+2 (P - 1) / P of its bytes over the bandwidth. Nothing overlaps, as in tinyres now.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -111,11 +119,11 @@ def _child(args) -> None:
         print(json.dumps(out), flush=True)
 
 
-def _run(config: str, args) -> dict:
-    threads = 1 if config == "ranks" else args.ranks
+def _run(config: str, args, batch: int | None = None, threads: int | None = None) -> dict:
+    threads = threads or (1 if config == "ranks" else args.ranks)
     env = {**os.environ, "TINYRES_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, __file__, "--child", config, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--batch-size", str(args.batch_size)]
+           "--batch-size", str(batch or args.batch_size)]
     if config == "ranks":
         cmd = ["mpiexec", "-n", str(args.ranks), *cmd]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -131,6 +139,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15, help="timed steps per process")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cluster", type=int, nargs="*", default=[], metavar="P", help="ranks of the model on paper")
+    ap.add_argument("--latency-us", type=float, default=30.0, help="the model's network latency (10 GbE: 30)")
+    ap.add_argument("--bandwidth-gbs", type=float, default=1.2, help="the model's bandwidth, GB/s (10 GbE: 1.2)")
     ap.add_argument("--child", choices=["one", "ranks"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -166,6 +177,27 @@ def main() -> None:
     print(f"seconds per step in them: {1e3 * in_step:.1f} ms inside the step of {1e3 * step:.0f} ms "
           f"({100 * in_step / step:.1f} %, waiting for the slower rank included; gradients {1e3 * grad_s:.1f} ms), "
           f"{1e3 * alone:.2f} ms sent back to back alone")
+    if args.cluster:
+        cluster_model(args, len(n_reduce) - len(grads) + len(n_bcast) + 1, sum(grads))  # + the trainer's stop flags
+
+
+def cluster_model(args, small: int, grad_bytes: int) -> None:
+    """Print the model on paper of P one-core ranks (see the module's docstring)."""
+    alpha, beta = args.latency_us * 1e-6, args.bandwidth_gbs * 1e9
+    one = args.batch_size / statistics.median(_run("one", args, threads=1)["steps"])
+    print(f"model: P ranks of one core, {args.latency_us:g} us latency, {args.bandwidth_gbs:g} GB/s; "
+          f"{small} small messages and {grad_bytes:,} gradient bytes per step; one core alone: {one:.0f} images/s")
+    print("| P | images per rank | compute s | messages s | step s | images/s | speed-up over one core |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for p in args.cluster:
+        if args.batch_size % p:
+            continue
+        compute = statistics.median(_run("one", args, batch=args.batch_size // p, threads=1)["steps"])
+        steps = math.ceil(math.log2(p))
+        talk = small * 2 * steps * alpha + 2 * (p - 1) * alpha + 2 * (p - 1) / p * grad_bytes / beta
+        step = compute + talk
+        print(f"| {p} | {args.batch_size // p} | {compute:.4f} | {talk:.4f} | {step:.4f} | "
+              f"{args.batch_size / step:.0f} | {args.batch_size / step / one:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -182,7 +182,11 @@ def test_sigterm_to_the_job_saves_one_checkpoint_and_resume_finishes(tmp_path, i
             if line.startswith("iter 10/"):
                 break
         job.send_signal(signal.SIGTERM)
-        _, stderr = job.communicate(timeout=LIMIT)
+        try:
+            _, stderr = job.communicate(timeout=LIMIT)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            pytest.fail(f"the job did not stop within {LIMIT} s of SIGTERM:\n{job.communicate()[1]}")
     finally:
         job.kill()
     assert job.returncode == 130, stderr
