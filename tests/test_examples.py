@@ -227,6 +227,21 @@ def test_train_cifar_schedules_and_flags():
     assert train_cifar.config_from_args(parse(["--schedule", "short", "--eval-every", "7"])).eval_every == 7
 
 
+def test_train_cifar_fast_schedule_and_the_flags_that_override_it():
+    train_cifar = example("train_cifar")
+    parse = train_cifar.build_parser().parse_args
+    c = train_cifar.config_from_args(parse(["--schedule", "fast"]))
+    assert (c.iters, c.lr_schedule, c.milestones, c.lr, c.weight_decay, c.nesterov) == \
+        (15000, "onecycle", (), 0.4, 5e-4, True)
+    assert (c.momentum, c.base_momentum, c.pct_start, c.batch_size, c.augment) == (0.95, 0.85, 0.25, 128, True)
+    c = train_cifar.config_from_args(parse(["--schedule", "fast", "--iters", "5000", "--lr", "0.2", "--no-nesterov",
+                                            "--anneal-strategy", "linear", "--weight-decay", "1e-4"]))
+    assert (c.iters, c.lr, c.nesterov, c.anneal_strategy, c.weight_decay) == (5000, 0.2, False, "linear", 1e-4)
+    c = train_cifar.config_from_args(parse(["--lr-schedule", "cosine", "--pct-start", "0.1"]))
+    assert (c.iters, c.lr_schedule, c.pct_start, c.lr, c.nesterov) == (64000, "cosine", 0.1, 0.1, False)
+
+
+
 def test_train_cifar_resume_takes_the_saved_config(tmp_path):
     train_cifar = example("train_cifar")
     out = tmp_path / "run"
@@ -303,6 +318,9 @@ def assert_usage_error(done: subprocess.CompletedProcess, *names: str) -> str:
     (["--checkpoint-every", "-1"], "--checkpoint-every"),
     (["--iters", "100", "--milestones", "50", "150"], "--milestones"),
     (["--data", "no-such-archive.tar.gz"], "no-such-archive.tar.gz"),
+    (["--schedule", "fast", "--base-momentum", "0.99"], "--base-momentum"),
+    (["--schedule", "fast", "--pct-start", "1.5"], "--pct-start"),
+    (["--lr-schedule", "onecycle", "--div-factor", "0.5"], "--div-factor"),
 ])
 def test_train_cifar_refuses_bad_flags_and_writes_nothing(tmp_path, flags, named):
     done = run_script("train_cifar", *flags, "--out", tmp_path / "runs" / "r", cwd=tmp_path)
