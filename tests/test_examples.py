@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from test_train import synthetic_cifar
 
+import tinyres
+import tinyres.run
 from tinyres.checkpoint import load_checkpoint, save_checkpoint
 from tinyres.data import CLASSES
 from tinyres.train import TrainConfig, build_model, train
@@ -199,6 +201,26 @@ def test_torch_reference_trains_on_the_same_batches(image_folder, capsys):
     for line in lines:  # "iter 2  train error 87.50 % (iterations 1-2)  test error 90.00 %  1 s"
         train_err, test_err = (float(v) for v in re.findall(r"error +([\d.]+) %", line))
         assert 0 <= train_err <= 100 and 0 <= test_err <= 100 and (test_err * 20 / 100).is_integer()  # 20 test images
+
+
+@pytest.mark.parametrize("schedule", [["--schedule", "fast", "--iters", "40"], ["--schedule", "short"],
+                                      ["--schedule", "fast", "--iters", "50", "--lr", "0.3"]])
+def test_torch_reference_steps_pytorchs_scheduler_as_tinyres_steps_its_own(schedule):
+    torch = pytest.importorskip("torch")
+    ref = example("torch_reference")
+    cfg = ref.recipe(ref.build_parser().parse_args(schedule))
+    opt_t = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr, momentum=cfg.momentum,
+                            nesterov=cfg.nesterov)
+    sched_t = ref.torch_scheduler(torch, opt_t, cfg)
+    opt = tinyres.optim.SGD([tinyres.nn.Parameter(tinyres.zeros(1))], lr=cfg.lr, momentum=cfg.momentum,
+                            nesterov=cfg.nesterov)
+    sched = tinyres.run.make_scheduler(opt, cfg)
+    for _ in range(cfg.iters):
+        group = opt_t.param_groups[0]
+        assert (opt.lr, opt.param_groups[0]["momentum"]) == pytest.approx((group["lr"], group["momentum"]), rel=1e-12)
+        opt_t.step()
+        sched_t.step()
+        sched.step()
 
 
 def test_reproduce_net_names():
