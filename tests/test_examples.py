@@ -165,7 +165,7 @@ def test_reproduce_trains_tabulates_and_plots(tmp_path, image_folder, capsys):
     assert reproduce.main(args) == 0
     table = (out / "results.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    assert "| plain-8 | 0.08M | 2 |" in rows["plain-8"] and rows["plain-8"].rstrip().split("|")[-3].strip() == "—"
+    assert "| plain-8 | 0.08M | 2 |" in rows["plain-8"] and rows["plain-8"].rstrip().split("|")[-4].strip() == "—"
     assert "| 8.75 |" in rows["ResNet-20"] and "| 0.27M | 2 |" in rows["ResNet-20"]
     assert "Command: `python examples/reproduce.py --nets plain-8" in table and "Machine:" in table
     assert (out / "fig6.png").read_bytes()[:8] == PNG_MAGIC
