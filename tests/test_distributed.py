@@ -107,6 +107,34 @@ def test_a_loader_split_gives_each_rank_its_part_of_every_batch():
         DataLoader(images, labels, batch_size=8, num_replicas=3, rank=0)
 
 
+def test_batch_norm_through_the_all_sum_hook_has_the_gradient_of_its_math():
+    """One process's all_sum is the identity: the pooled float64 moments and the summed backward in float64."""
+    from tinyres import gradcheck, tensor
+    from tinyres.nn import functional as F
+    rng = np.random.default_rng(0)
+    x, gamma, beta = (tensor(a, dtype=np.float64, requires_grad=True)
+                      for a in (rng.normal(3, 2, (4, 3, 2, 2)), rng.normal(1, 0.3, 3), rng.normal(0, 1, 3)))
+    assert gradcheck(lambda *t: F.batch_norm(*t[:1], None, None, *t[1:], training=True, all_sum=lambda a: a),
+                     [x, gamma, beta])
+    plain = F.batch_norm(x, None, None, gamma, beta, training=True).numpy()
+    np.testing.assert_allclose(F.batch_norm(x, None, None, gamma, beta, training=True, all_sum=lambda a: a).numpy(),
+                               plain, rtol=1e-12, atol=1e-12)
+
+
+def test_convert_sync_batchnorm_keeps_the_parameters_and_the_checkpoint():
+    from tinyres import models, nn
+    from tinyres.nn import init
+    init.manual_seed(0)
+    model = models.cifar_resnet(20)
+    before = model.state_dict()
+    params = [id(p) for p in model.parameters()]
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == 19
+    assert [id(p) for p in model.parameters()] == params
+    ddp = nn.parallel.DistributedDataParallel(model)
+    assert list(ddp.state_dict()) == list(before)  # no 'module.' prefix: the files of one process
+
+
 # ---- equivalence: K ranks of 16/K images against one process of 16 ---------------------------
 
 def compare(path: Path, skip: str = "\0") -> None:

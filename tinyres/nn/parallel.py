@@ -25,6 +25,7 @@ __all__ = ["DistributedDataParallel", "SyncBatchNorm"]
 
 
 def _all_sum(a: Any) -> Any:
+    """`a` summed over the ranks: batch norm's hook for the per-channel sums (see `F.batch_norm`)."""
     return dist.all_reduce(a, dist.ReduceOp.SUM)
 
 
