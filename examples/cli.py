@@ -21,6 +21,7 @@ from tinyres import distributed
 from tinyres.backend import cuda_available
 from tinyres.checkpoint import CheckpointError
 from tinyres.data import CIFAR10, DataError, load_cifar10
+from tinyres.kernels import get_num_threads, set_num_threads
 from tinyres.train import TrainConfig
 
 
@@ -64,12 +65,17 @@ def run(main: Callable[[list[str]], int]) -> int:
 
 
 def join_mpi_job() -> int:
-    """Join the other processes when started by mpiexec (see tinyres.distributed); their number, else 1."""
+    """Join the other processes when started by mpiexec (see tinyres.distributed); their number, else 1.
+
+    Unless $TINYRES_NUM_THREADS says otherwise, the ranks on one machine share its cores: two
+    ranks of two threads each on two cores would take turns instead of working."""
     if distributed.launched_by_mpiexec():
         try:
             distributed.init_process_group()
         except RuntimeError as e:
             raise UsageError(f"mpiexec: {e}") from None
+        if "TINYRES_NUM_THREADS" not in os.environ:
+            set_num_threads(max(1, get_num_threads() // distributed.get_local_world_size()))
     return distributed.get_world_size()
 
 

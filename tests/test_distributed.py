@@ -227,6 +227,18 @@ def test_sigterm_to_the_job_saves_one_checkpoint_and_resume_finishes(tmp_path, i
 
 
 @needs_mpi
+def test_the_ranks_on_a_machine_share_its_cores():
+    code = ("import sys; sys.path.insert(0, 'examples'); import cli, tinyres; cli.join_mpi_job(); "
+            "from tinyres import distributed as d; print(d.get_local_world_size(), tinyres.get_num_threads())")
+    env = {k: v for k, v in environment().items() if k != "TINYRES_NUM_THREADS"}
+    cores = len(os.sched_getaffinity(0))
+    done = subprocess.run(command(2, "-c", code), env=env, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(2), str(max(1, cores // 2))] * 2
+
+
+@needs_mpi
 def test_a_batch_that_does_not_split_evenly_is_refused_before_any_work(tmp_path):
     done = run(3, ROOT / "examples" / "train_cifar.py", "--batch-size", "16", "--data", tmp_path / "none",
                "--out", tmp_path / "run")

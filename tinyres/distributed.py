@@ -23,8 +23,8 @@ import numpy as np
 from .backend import get_array_module, is_cupy
 
 __all__ = [
-    "ReduceOp", "abort", "all_reduce", "barrier", "broadcast", "get_rank", "get_world_size", "init_process_group",
-    "is_initialized", "launched_by_mpiexec",
+    "ReduceOp", "abort", "all_reduce", "barrier", "broadcast", "get_local_world_size", "get_rank", "get_world_size",
+    "init_process_group", "is_initialized", "launched_by_mpiexec",
 ]
 
 _comm: Any = None   # mpi4py's COMM_WORLD once initialized
@@ -81,6 +81,17 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """The number of processes (1 without a process group)."""
     return _comm.Get_size() if _comm is not None else 1
+
+
+def get_local_world_size() -> int:
+    """The number of ranks on this machine (1 without a process group)."""
+    if _comm is None:
+        return 1
+    local = _comm.Split_type(_MPI.COMM_TYPE_SHARED)
+    try:
+        return local.Get_size()
+    finally:
+        local.Free()
 
 
 def abort(code: int = 1, why: str = "") -> None:
