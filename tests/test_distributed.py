@@ -135,6 +135,18 @@ def test_convert_sync_batchnorm_keeps_the_parameters_and_the_checkpoint():
     assert list(ddp.state_dict()) == list(before)  # no 'module.' prefix: the files of one process
 
 
+@needs_mpi
+def test_all_reduce_and_broadcast_across_two_ranks():
+    code = ("import numpy as np, tinyres; from tinyres import distributed as d; d.init_process_group(); "
+            "r = d.get_rank(); t = tinyres.tensor([1.0, 2.0 + r]); d.all_reduce(t); "
+            "m = np.array([r, -r]); d.all_reduce(m, d.ReduceOp.MAX); "
+            "b = np.full((2, 2), float(r))[:, :1]; d.broadcast(b, src=1); "  # a view that is not contiguous
+            "print(r, t.tolist(), m.tolist(), b.ravel().tolist(), d.get_world_size())")
+    done = run(2, "-c", code)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == ["0 [2.0, 5.0] [1, 0] [1.0, 1.0] 2", "1 [2.0, 5.0] [1, 0] [1.0, 1.0] 2"]
+
+
 # ---- equivalence: K ranks of 16/K images against one process of 16 ---------------------------
 
 def compare(path: Path, skip: str = "\0") -> None:

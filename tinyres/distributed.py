@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .backend import get_array_module, is_cupy
+from .tensor import Tensor
 
 __all__ = [
     "ReduceOp", "abort", "all_reduce", "barrier", "broadcast", "get_local_world_size", "get_rank", "get_world_size",
@@ -110,7 +111,7 @@ def _host(a: Any) -> np.ndarray:
 
 def all_reduce(tensor: Any, op: str = ReduceOp.SUM) -> Any:
     """Reduce `tensor` (a NumPy/CuPy array or a Tensor) over all ranks, in place, and return it."""
-    data = getattr(tensor, "data", tensor) if not isinstance(tensor, np.ndarray) else tensor
+    data = tensor.data if isinstance(tensor, Tensor) else tensor
     if _comm is None or _comm.Get_size() == 1:
         return tensor
     ops = {ReduceOp.SUM: _MPI.SUM, ReduceOp.MAX: _MPI.MAX, ReduceOp.MIN: _MPI.MIN}
@@ -124,7 +125,7 @@ def all_reduce(tensor: Any, op: str = ReduceOp.SUM) -> Any:
 
 def broadcast(tensor: Any, src: int = 0) -> Any:
     """Overwrite `tensor` (array or Tensor) on every rank with rank `src`'s, in place, and return it."""
-    data = getattr(tensor, "data", tensor) if not isinstance(tensor, np.ndarray) else tensor
+    data = tensor.data if isinstance(tensor, Tensor) else tensor
     if _comm is None or _comm.Get_size() == 1:
         return tensor
     buf = _host(data)
