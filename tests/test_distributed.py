@@ -135,16 +135,23 @@ def test_convert_sync_batchnorm_keeps_the_parameters_and_the_checkpoint():
     assert list(ddp.state_dict()) == list(before)  # no 'module.' prefix: the files of one process
 
 
-@needs_mpi
-def test_all_reduce_and_broadcast_across_two_ranks():
-    code = ("import numpy as np, tinyres; from tinyres import distributed as d; d.init_process_group(); "
-            "r = d.get_rank(); t = tinyres.tensor([1.0, 2.0 + r]); d.all_reduce(t); "
-            "m = np.array([r, -r]); d.all_reduce(m, d.ReduceOp.MAX); "
-            "b = np.full((2, 2), float(r))[:, :1]; d.broadcast(b, src=1); "  # a view that is not contiguous
-            "print(r, t.tolist(), m.tolist(), b.ravel().tolist(), d.get_world_size())")
-    done = run(2, "-c", code)
+def each_rank_says(tmp_path: Path, code: str, env: dict | None = None) -> list[str]:
+    """What `code` leaves in `said` on each of 2 ranks (a file each: their printed lines could interleave)."""
+    code = f"import sys, pathlib; said = ''\n{code}\npathlib.Path(sys.argv[1], str(d.get_rank())).write_text(said)"
+    done = subprocess.run(command(2, "-c", code, tmp_path), env=env or environment(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=LIMIT, check=False)
     assert done.returncode == 0, done.stderr
-    assert sorted(done.stdout.splitlines()) == ["0 [2.0, 5.0] [1, 0] [1.0, 1.0] 2", "1 [2.0, 5.0] [1, 0] [1.0, 1.0] 2"]
+    return [(tmp_path / str(r)).read_text() for r in range(2)]
+
+
+@needs_mpi
+def test_all_reduce_and_broadcast_across_two_ranks(tmp_path):
+    code = ("import numpy as np, tinyres; from tinyres import distributed as d; d.init_process_group()\n"
+            "r = d.get_rank(); t = tinyres.tensor([1.0, 2.0 + r]); d.all_reduce(t)\n"
+            "m = np.array([r, -r]); d.all_reduce(m, d.ReduceOp.MAX)\n"
+            "b = np.full((2, 2), float(r))[:, :1]; d.broadcast(b, src=1)\n"  # a view that is not contiguous
+            "said = f'{t.tolist()} {m.tolist()} {b.ravel().tolist()} {d.get_world_size()}'")
+    assert each_rank_says(tmp_path, code) == ["[2.0, 5.0] [1, 0] [1.0, 1.0] 2"] * 2
 
 
 # ---- equivalence: K ranks of 16/K images against one process of 16 ---------------------------
@@ -211,8 +218,17 @@ def test_a_failing_rank_ends_the_job_with_a_clear_error(tmp_path, how):
         assert "rank 1 of 2: RuntimeError on rank 1; stopping all ranks" in done.stderr
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid`, children first (read from /proc)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children + [d for c in children for d in descendants(c)]
+
+
 @needs_mpi
-def test_sigterm_to_the_job_saves_one_checkpoint_and_resume_finishes(tmp_path, image_folder):
+@pytest.mark.parametrize("to", ["mpiexec", "one rank"])
+def test_sigterm_saves_one_checkpoint_and_resume_finishes(tmp_path, image_folder, to):
     out, script = tmp_path / "run", ROOT / "examples" / "train_cifar.py"
     flags = ["--data", image_folder, "--batch-size", "8", "--out", out]
     job = subprocess.Popen(command(2, script, *flags, "--iters", "10000", "--milestones"), env=environment(), cwd=ROOT,
@@ -221,7 +237,12 @@ def test_sigterm_to_the_job_saves_one_checkpoint_and_resume_finishes(tmp_path, i
         for line in job.stderr:  # rank 0's progress: a line at iteration 10
             if line.startswith("iter 10/"):
                 break
-        job.send_signal(signal.SIGTERM)
+        if to == "mpiexec":  # which forwards it to every rank
+            job.send_signal(signal.SIGTERM)
+        else:  # the others hear of it in the next iteration
+            ranks = [p for p in descendants(job.pid) if "train_cifar.py" in Path(f"/proc/{p}/cmdline").read_text()]
+            assert len(ranks) == 2
+            os.kill(ranks[-1], signal.SIGTERM)
         try:
             _, stderr = job.communicate(timeout=LIMIT)
         except subprocess.TimeoutExpired:
@@ -230,8 +251,10 @@ def test_sigterm_to_the_job_saves_one_checkpoint_and_resume_finishes(tmp_path, i
     finally:
         job.kill()
     assert job.returncode == 130, stderr
-    stopped = int(re.search(r"SIGTERM: interrupted at iteration (\d+)", stderr).group(1))
+    stopped = int(re.search(r"(SIGTERM|another rank): interrupted at iteration (\d+)", stderr).group(2))
     assert stopped >= 10
+    if to == "one rank":
+        assert f"a stop request to another rank: interrupted at iteration {stopped}" in stderr
     assert (out / "checkpoint.npz").exists() and not (out / "checkpoint-prev.npz").exists()  # one checkpoint
     done = run(2, script, *flags, "--iters", str(stopped + 2), "--resume")
     assert done.returncode == 0, done.stderr
@@ -239,15 +262,12 @@ def test_sigterm_to_the_job_saves_one_checkpoint_and_resume_finishes(tmp_path, i
 
 
 @needs_mpi
-def test_the_ranks_on_a_machine_share_its_cores():
-    code = ("import sys; sys.path.insert(0, 'examples'); import cli, tinyres; cli.join_mpi_job(); "
-            "from tinyres import distributed as d; print(d.get_local_world_size(), tinyres.get_num_threads())")
+def test_the_ranks_on_a_machine_share_its_cores(tmp_path):
+    code = ("sys.path.insert(0, 'examples'); import cli, tinyres; cli.join_mpi_job()\n"
+            "from tinyres import distributed as d; said = f'{d.get_local_world_size()} {tinyres.get_num_threads()}'")
     env = {k: v for k, v in environment().items() if k != "TINYRES_NUM_THREADS"}
     cores = len(os.sched_getaffinity(0))
-    done = subprocess.run(command(2, "-c", code), env=env, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT,
-                          check=False)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(2), str(max(1, cores // 2))] * 2
+    assert each_rank_says(tmp_path, code, env) == [f"2 {max(1, cores // 2)}"] * 2
 
 
 @needs_mpi

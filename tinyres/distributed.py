@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -101,6 +102,7 @@ def abort(code: int = 1, why: str = "") -> None:
         sys.exit(code)
     print(f"rank {get_rank()} of {get_world_size()}: {why or f'exit status {code}'}; stopping all ranks",
           file=sys.stderr, flush=True)
+    time.sleep(0.5)  # mpiexec forwards what this rank printed; the abort would cut it short
     _comm.Abort(code)
 
 

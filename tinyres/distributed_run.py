@@ -70,12 +70,14 @@ class DistributedRun(Run):
                                f"{self.dir.out} must be on a file system that every rank sees")
 
     def log_save_or_stop(self, stop: StopRequest) -> None:
+        """As one process, on what the ranks agree: a stop request or a checkpoint due on any rank."""
         flags = np.array([stop.signal_name is not None, super()._checkpoint_due()], dtype=np.int64)
         dist.all_reduce(flags, dist.ReduceOp.MAX)
-        if flags[0] and stop.signal_name is None:
-            stop.signal_name = "a stop request to another rank"
+        agreed = StopRequest()  # not `stop`: a signal may set it now, after the ranks agreed
+        if flags[0]:
+            agreed.signal_name = stop.signal_name or "a stop request to another rank"
         self.checkpoint_due = bool(flags[1])
-        super().log_save_or_stop(stop)
+        super().log_save_or_stop(agreed)
 
     def _checkpoint_due(self) -> bool:
         return self.checkpoint_due
