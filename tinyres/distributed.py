@@ -8,8 +8,9 @@ code serves the CPU and the GPU (a CUDA-aware MPI or NCCL could later go behind 
 Without `init_process_group()` every function here acts as if there were one process, and
 nothing imports mpi4py.
 
-A rank that raises or exits with a non-zero status brings the whole job down (MPI_Abort):
-the others may be waiting for it in a collective, and would wait forever.
+An uncaught error on one rank brings the whole job down (MPI_Abort), as `abort` does for the
+scripts' other failures (examples/cli.py): the other ranks may be waiting for it in a
+collective, and would wait forever.
 """
 
 from __future__ import annotations
