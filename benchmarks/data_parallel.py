@@ -40,6 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+MPIEXEC = shutil.which("mpiexec") or shutil.which("mpiexec", path=str(Path(sys.executable).parent))
 
 
 def _step_setup(batch: int, parallel: bool):
@@ -125,7 +126,7 @@ def _run(config: str, args, batch: int | None = None, threads: int | None = None
     cmd = [sys.executable, __file__, "--child", config, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--batch-size", str(batch or args.batch_size)]
     if config == "ranks":
-        cmd = ["mpiexec", "-n", str(args.ranks), *cmd]
+        cmd = [MPIEXEC, "-n", str(args.ranks), *cmd]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{config} failed:\n{proc.stderr[-2000:]}")
@@ -147,8 +148,8 @@ def main() -> None:
     if args.child:
         _child(args)
         return
-    if not shutil.which("mpiexec"):
-        raise SystemExit("no mpiexec on PATH: pip install -e '.[mpi]'")
+    if not MPIEXEC:
+        raise SystemExit("no mpiexec on PATH or beside python: pip install -e '.[mpi]'")
     k = args.ranks
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {platform.machine()} | "
           f"{os.cpu_count()} cores | Python {platform.python_version()} | NumPy {np.__version__} | "

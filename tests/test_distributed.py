@@ -27,9 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "mpi_worker.py"
 LIMIT = 30  # seconds: a job that has not ended by then hangs
 
+# pip puts mpiexec beside the interpreter, which need not be on PATH
+MPIEXEC = shutil.which("mpiexec") or shutil.which("mpiexec", path=str(Path(sys.executable).parent))
 try:
     import mpi4py  # noqa: F401
-    MPI_MISSING = None if shutil.which("mpiexec") else "no mpiexec on PATH (pip install -e '.[mpi]')"
+    MPI_MISSING = None if MPIEXEC else "no mpiexec on PATH or beside python (pip install -e '.[mpi]')"
 except ImportError:
     MPI_MISSING = "mpi4py is not installed (pip install -e '.[mpi]')"
 needs_mpi = pytest.mark.skipif(MPI_MISSING is not None, reason=MPI_MISSING or "")
@@ -44,7 +46,7 @@ def environment() -> dict[str, str]:
 
 
 def command(ranks: int, *args: str) -> list[str]:
-    prefix = ["mpiexec", "-n", str(ranks)] if ranks else []  # 0: one process without mpiexec
+    prefix = [MPIEXEC, "-n", str(ranks)] if ranks else []  # 0: one process without mpiexec
     return [*prefix, sys.executable, *map(str, args)]
 
 
