@@ -37,6 +37,27 @@ def no_grad() -> Iterator[None]:
         _GradMode.enabled = prev
 
 
+@contextlib.contextmanager
+def set_grad_enabled(mode: bool) -> Iterator[None]:
+    """Context manager in which ops record the graph if `mode`, as `torch.set_grad_enabled(mode)`."""
+    prev = _GradMode.enabled
+    _GradMode.enabled = bool(mode)
+    try:
+        yield
+    finally:
+        _GradMode.enabled = prev
+
+
+def enable_grad():
+    """Context manager (and decorator) that records the graph again inside `no_grad`, as `torch.enable_grad()`."""
+    return set_grad_enabled(True)
+
+
+def inference_mode(mode: bool = True):
+    """As `torch.inference_mode()`: here the same as `no_grad()` (there are no version counters to skip)."""
+    return set_grad_enabled(not mode)
+
+
 def is_grad_enabled() -> bool:
     """Whether ops currently record the graph."""
     return _GradMode.enabled
@@ -156,6 +177,9 @@ class Tensor:
 
 # ---- making tensors ----------------------------------------------------------------------
 
+# dtypes under PyTorch's names: `x.to(tinyres.float64)`, `tinyres.zeros(3, dtype=tinyres.int64)`
+float32, float64, int64, int32, uint8 = (np.dtype(t) for t in ("float32", "float64", "int64", "int32", "uint8"))
+
 def tensor(data: Any, requires_grad: bool = False, dtype=None, device: str | None = None) -> Tensor:
     """A new leaf tensor holding a copy of `data` (floats default to float32), as `torch.tensor`.
 
@@ -190,6 +214,17 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
         xp = get_array_module(like.data)
         return Tensor(xp.asarray(x, dtype=like.dtype))
     return Tensor(x)
+
+
+def arange(start, end=None, step=1, dtype=None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+    """start, start + step, ... below end (0 ... start - 1 with one argument), as `torch.arange`: int64 for
+    integer arguments, float32 otherwise."""
+    if end is None:
+        start, end = 0, start
+    values = np.arange(start, end, step)
+    if dtype is None:
+        dtype = np.int64 if values.dtype.kind in "iu" else np.float32
+    return tensor(values.astype(dtype), requires_grad=requires_grad, device=device)
 
 
 def _shape_arg(shape: tuple) -> tuple[int, ...]:
