@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..backend import device_of, is_cupy, to_device
+from ..nn.modules import zero_grads
 from ..statedict import as_array, refuse_if_errors
 from ..tensor import Tensor
 
@@ -34,10 +35,9 @@ class Optimizer:
     def lr(self, value: float) -> None:
         self.param_groups[0]["lr"] = float(value)  # a Python float: a NumPy float64 would upcast float32 updates
 
-    def zero_grad(self) -> None:
-        """Drop the gradients of all parameters (sets `.grad` to None)."""
-        for p in self.params:
-            p.grad = None
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients of all parameters (`.grad` = None, PyTorch's default), or zero them in place."""
+        zero_grads(self.params, set_to_none)
 
     def step(self) -> None:
         """Update the parameters from their gradients."""
