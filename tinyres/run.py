@@ -377,7 +377,9 @@ class Run:
         arrays = [p.data for p in self.model.parameters()] + list(self.model.buffers())
         if not all(bool(get_array_module(a).isfinite(a).all()) for a in arrays):
             self.diverged(f"the weights are NaN or infinite at iteration {self.it}")
-        extra = {"iteration": self.it, "config": self.cfg.to_dict(), "loader": self.loader.state_dict(),
+        # the config and the mean image make the checkpoint enough to classify images (examples/predict.py)
+        extra = {"iteration": self.it, "config": self.cfg.to_dict(), "mean": self.mean,
+                 "loader": self.loader.state_dict(),
                  "window": asdict(self.eval_window), "log_window": asdict(self.log_window),
                  "smooth_err": self.smooth_err, "elapsed": self.elapsed(), "finished": self.it >= self.cfg.iters}
         self.dir.save_checkpoint(lambda path: save_checkpoint(path, self.model, self.optimizer, self.scheduler,
