@@ -141,16 +141,54 @@ def test_predict_prints_top_3_classes(tmp_path, trained_runs, capsys):
     assert len(lines) == 3
 
 
-def test_predict_needs_the_network(tmp_path, trained_runs, capsys):
+def test_predict_needs_nothing_but_a_runs_checkpoint(tmp_path, trained_runs, capsys):
     predict = example("predict")
-    ckpt = tmp_path / "alone.npz"
+    ckpt = tmp_path / "alone.npz"  # no config.json or mean.npy beside it
     ckpt.write_bytes((trained_runs["resnet8"] / "checkpoint.npz").read_bytes())
     image = tmp_path / "x.png"
     Image.new("RGB", (32, 32)).save(image)
-    with pytest.raises(UsageError, match="--depth"):
-        predict.main([str(ckpt), str(image)])
-    mean = str(trained_runs["resnet8"] / "mean.npy")
-    assert predict.main([str(ckpt), str(image), "--depth", "8", "--mean", mean]) == 0
+    assert predict.main([str(ckpt), str(image)]) == 0
+    assert capsys.readouterr().out.startswith(f"ResNet-8 from {ckpt}")
+    assert predict.main([str(ckpt), str(image), "--depth", "8"]) == 0  # repeating what it holds is fine
+
+
+def test_predict_refuses_flags_that_contradict_the_checkpoint(tmp_path, trained_runs):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    ckpt = trained_runs["resnet8"] / "checkpoint.npz"
+    line = assert_usage_error(run_script("predict", ckpt, image, "--plain"), "--plain", str(ckpt), "ResNet-8")
+    assert "leave out the network flags" in line
+    assert_usage_error(run_script("predict", ckpt, image, "--depth", "20", "--shortcut", "B"),
+                       "--depth 20 --shortcut B", "ResNet-8")
+
+
+def test_predict_reads_a_saved_state_dict_with_the_network_given(tmp_path, trained_runs, capsys):
+    import tinyres
+
+    predict = example("predict")
+    weights = tmp_path / "weights.npz"
+    tinyres.save(tinyres.load(trained_runs["plain8"] / "checkpoint.npz")["model"], weights)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    with pytest.raises(UsageError, match="does not say which network it holds.*--depth"):
+        predict.main([str(weights), str(image)])
+    with pytest.raises(UsageError, match="holds no per-pixel mean.*--mean"):
+        predict.main([str(weights), str(image), "--depth", "8", "--plain"])
+    mean = str(trained_runs["plain8"] / "mean.npy")
+    assert predict.main([str(weights), str(image), "--depth", "8", "--plain", "--mean", mean]) == 0
+    assert capsys.readouterr().out.startswith("plain-8 from")
+    with pytest.raises(UsageError, match=r"the weights do not fit ResNet-20: missing: layer1\.1\.conv1\.weight .* \.\.\.$"):
+        predict.main([str(weights), str(image), "--depth", "20", "--mean", mean])
+
+
+def test_predict_answers_the_good_images_when_one_is_bad(tmp_path, trained_runs):
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.new("RGB", (32, 32)).save(good)
+    bad.write_text("not an image")
+    done = run_script("predict", trained_runs["resnet8"], bad, good)
+    assert done.returncode == 2
+    assert f"{bad}: not an image" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.stdout.splitlines()[1].startswith(f"{good}: ")
 
 
 # ---- reproduce ---------------------------------------------------------------------------
