@@ -5,7 +5,10 @@
     python examples/train_cifar.py --out runs/r110 --resume
 
 Ctrl-C saves a checkpoint; `--resume` continues exactly where the run stopped, with the settings
-saved in the run's config.json (flags given with --resume change them, e.g. --iters or --data).
+saved in the run's config.json. Flags given with --resume change them from there on and are recorded
+in config.json (e.g. --iters, --lr, --milestones, --data); those that would change the run's network,
+batches, split or warm-up (--depth, --plain, --shortcut, --batch-size, --seed, --val-split, --warmup)
+are refused.
 """
 
 from __future__ import annotations
@@ -14,12 +17,22 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import cli
 
-from tinyres.train import DivergenceError, TrainConfig, default_eval_every, load_run_config, paper_schedule, train
+from tinyres.run import ResumeError
+from tinyres.train import (
+    DivergenceError,
+    TrainConfig,
+    default_eval_every,
+    load_run_config,
+    model_name,
+    paper_schedule,
+    train,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +110,23 @@ def resume_config(parser: argparse.ArgumentParser, argv: list[str] | None, args:
     except (ValueError, TypeError) as e:
         raise cli.UsageError(f"{Path(args.out) / 'config.json'}: not a run config ({e}); repair it or choose "
                              "another --out") from e
+    refuse_fixed_changes(saved, changes, args.out)
     return dataclasses.replace(saved, **{**changes, "out": args.out, "resume": True})
+
+
+# what a resumed run keeps: its network, and what fixes its batches, its evaluation set and its kind of schedule
+KEPT_ON_RESUME = ("depth", "plain", "shortcut", "batch_size", "seed", "val_split", "warmup")
+
+
+def refuse_fixed_changes(saved: TrainConfig, changes: dict[str, Any], out: str) -> None:
+    """Raise UsageError, in one line, for a flag given with --resume that would change what a run keeps."""
+    changed = [f for f in KEPT_ON_RESUME if f in changes and changes[f] != getattr(saved, f)]
+    if changed:
+        flags = ", ".join(f"--{f.replace('_', '-')} ({getattr(saved, f)!r} in the run, {changes[f]!r} given)"
+                          for f in changed)
+        raise cli.UsageError(f"{flags}: {out} holds a run of {model_name(saved.depth, saved.plain, saved.shortcut)} "
+                             "that keeps its network, batch size, seed, validation split and warm-up when resumed; "
+                             "leave the flag out, or start a new run with another --out")
 
 
 def check_start(config: TrainConfig) -> None:
@@ -130,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ResumeError as e:
+        raise cli.UsageError(str(e)) from e
     except OSError as e:  # the data is loaded: what fails now is reading or writing the run in --out
         raise cli.UsageError(f"--out {config.out}: {cli.describe(e)}") from e
     if "test_err" in result:

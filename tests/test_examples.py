@@ -288,6 +288,27 @@ def test_train_cifar_resume_takes_the_saved_config(tmp_path):
     assert (c.iters, c.milestones, c.eval_every) == (64000, (32000, 48000), 50)
 
 
+def test_train_cifar_refuses_resume_flags_that_would_change_the_run(tmp_path):
+    train_cifar = example("train_cifar")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(TrainConfig(depth=20, out=str(out)).to_dict()))
+
+    def resumed(*flags: str) -> TrainConfig:
+        parser = train_cifar.build_parser()
+        argv = ["--out", str(out), "--resume", *flags]
+        return train_cifar.resume_config(parser, argv, parser.parse_args(argv))
+
+    for flags, named in ((["--depth", "32"], "--depth (20 in the run, 32 given)"),
+                         (["--plain", "--batch-size", "64"], "--plain (False in the run, True given), --batch-size"),
+                         (["--warmup", "on"], "--warmup (None in the run, True given)")):
+        with pytest.raises(UsageError, match=re.escape(named) + ".*ResNet-20.*another --out"):
+            resumed(*flags)
+    assert resumed("--depth", "20", "--lr", "0.05").lr == 0.05  # repeating the saved depth is fine
+    done = run_script("train_cifar", "--out", out, "--resume", "--depth", "32")
+    assert_usage_error(done, "--depth (20 in the run, 32 given)")
+
+
 def test_train_cifar_ctrl_c_saves_and_resume_finishes(tmp_path, image_folder):
     out = tmp_path / "run"
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}

@@ -253,6 +253,18 @@ def test_deep_nets_warm_up(tmp_path, tiny_data):
     assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.01, 0.1, 0.1])
 
 
+def test_settings_changed_on_resume_apply_and_are_recorded(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    train(tiny_config(run, iters=4, eval_every=2, checkpoint_every=4, lr=0.1), data=tiny_data)
+    result = train(tiny_config(run, iters=8, eval_every=2, checkpoint_every=4, lr=0.05, milestones=(6,),
+                               momentum=0.8, weight_decay=5e-4, resume=True), data=tiny_data)
+    assert [r["lr"] for r in result["history"]] == pytest.approx([0.1, 0.1, 0.05, 0.005])
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["iters"], saved["lr"], saved["milestones"], saved["momentum"]) == (8, 0.05, [6], 0.8)
+    group = tinyres.load(run / "checkpoint.npz")["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"]) == (0.8, 5e-4)
+
+
 def test_resume_refuses_another_network(tmp_path, tiny_data):
     train(tiny_config(tmp_path / "run", iters=2), data=tiny_data)
     with pytest.raises(ValueError, match=r"different network.*depth: saved 8, requested 14"):

@@ -31,7 +31,7 @@ from .progress import Progress, hms
 from .rundir import RunDir
 from .tensor import Tensor, no_grad, tensor
 
-__all__ = ["DivergenceError", "Run", "TrainConfig", "default_eval_every", "evaluate", "sgd_step"]
+__all__ = ["DivergenceError", "ResumeError", "Run", "TrainConfig", "default_eval_every", "evaluate", "sgd_step"]
 
 @dataclass
 class TrainConfig:
@@ -82,6 +82,10 @@ RESUME_KEYS = ("iteration", "config", "loader", "window", "smooth_err", "elapsed
 
 class DivergenceError(RuntimeError):
     """The training loss or the weights became NaN or infinite."""
+
+
+class ResumeError(ValueError):
+    """A run that cannot be resumed with the config given (another network)."""
 
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: np.ndarray,
@@ -188,7 +192,7 @@ def check_same_arch(saved: dict[str, Any], config: TrainConfig, where: Any) -> N
     diff = [f"{k}: saved {saved.get(k)!r}, requested {getattr(config, k)!r}"
             for k in ARCH_KEYS if saved.get(k) != getattr(config, k)]
     if diff:
-        raise ValueError(f"cannot resume {where}: it holds a different network ({'; '.join(diff)}); "
+        raise ResumeError(f"cannot resume {where}: it holds a different network ({'; '.join(diff)}); "
                          "use the same --depth/--plain/--shortcut or another --out")
 
 
@@ -259,6 +263,27 @@ class Run:
         self.loader.load_state_dict(extra["loader"])
         self.last_saved = (self.it, self.dir.checkpoint)
         self.dir.roll_back(self.it)
+        self._apply_changed_config(extra["config"])
+
+    def _apply_changed_config(self, saved: dict[str, Any]) -> None:
+        """Give the restored optimizer and schedule this config's hyperparameters, and record them in config.json.
+
+        Restoring set them as they were saved; a config given on resume may change the learning
+        rate, its milestones, momentum, weight decay and the length of the run from here on.
+        """
+        cfg = self.cfg
+        group = self.optimizer.param_groups[0]
+        group["momentum"], group["weight_decay"] = float(cfg.momentum), float(cfg.weight_decay)
+        steps = self.scheduler.scheduler if isinstance(self.scheduler, optim.WarmupLR) else self.scheduler
+        if isinstance(steps, optim.MultiStepLR):
+            steps.base_lr, steps.milestones, steps.gamma = float(cfg.lr), sorted(cfg.milestones), float(cfg.lr_gamma)
+            steps._set_lr(steps.get_lr())  # the same formula as every step: unchanged settings give the same lr
+        self.scheduler._set_lr(self.scheduler.get_lr())
+        now = cfg.to_dict()
+        changed = [k for k in now if k not in ("resume", "progress") and saved.get(k) != now[k]]
+        if changed:
+            self.say("changed on resume: " + ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed))
+            self.dir.write_config(now)
 
     def say(self, text: str) -> None:
         """A line about the run on stderr (unless progress output is off)."""

@@ -60,10 +60,14 @@ class RunDir:
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics.unlink(missing_ok=True)
         self.train_log.unlink(missing_ok=True)
-        write_text(self.config, json.dumps(config, indent=2) + "\n")
+        self.write_config(config)
         buf = io.BytesIO()
         np.save(buf, mean)
         write_bytes(self.mean, buf.getvalue())
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Replace config.json (a resumed run whose settings changed)."""
+        write_text(self.config, json.dumps(config, indent=2) + "\n")
 
     def append(self, path: Path, row: dict[str, Any]) -> None:
         """Add one row to a JSON-lines log."""
