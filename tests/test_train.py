@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -263,6 +264,28 @@ def test_settings_changed_on_resume_apply_and_are_recorded(tmp_path, tiny_data):
     assert (saved["iters"], saved["lr"], saved["milestones"], saved["momentum"]) == (8, 0.05, [6], 0.8)
     group = tinyres.load(run / "checkpoint.npz")["optimizer"]["param_groups"][0]
     assert (group["momentum"], group["weight_decay"]) == (0.8, 5e-4)
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_a_non_finite_loss_stops_before_the_update_and_resume_works(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    reached = []
+    config = tiny_config(run, iters=9, lr=300, checkpoint_every=4, log_every=100, eval_every=100)
+    with pytest.raises(DivergenceError, match=r"the loss is nan; this step's update was not made at iteration 7; "
+                                              r"the last good checkpoint is .*checkpoint.npz \(iteration 4\)"):
+        train(config, data=tiny_data, on_iteration=lambda it, loss: reached.append(it))
+    assert reached == [1, 2, 3, 4, 5, 6]  # it stopped at the first NaN, not at the end of a log window
+    result = train(dataclasses.replace(config, lr=1e-9, resume=True), data=tiny_data)  # from iteration 4
+    assert result["iterations"] == 9 and np.isfinite(result["train_loss"])
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_a_loss_grown_far_beyond_its_start_is_named(tmp_path, tiny_data, capsys):
+    train(tiny_config(tmp_path / "run", iters=6, lr=50, log_every=2, eval_every=100), data=tiny_data)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1  # said once
+    assert re.search(r"\[ResNet-8\] warning: the training loss is \S+ at iteration \d, \S+ times its start "
+                     r"\(2\.\d+\): training is diverging; a lower learning rate \(--lr\) may help", warnings[0])
 
 
 def test_resume_refuses_another_network(tmp_path, tiny_data):

@@ -76,6 +76,8 @@ class TrainConfig:
 
 # resuming with a different network would load mismatched weights: these keys must agree
 ARCH_KEYS = ("depth", "plain", "shortcut")
+# a window's mean training loss this many times the first iteration's is worth a warning
+LOSS_GROWTH = 10.0
 # what a checkpoint's `extra` must hold to resume a run exactly
 RESUME_KEYS = ("iteration", "config", "loader", "window", "smooth_err", "elapsed")
 
@@ -112,11 +114,17 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: np.
 
 
 def sgd_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tensor) -> tuple[Any, Any]:
-    """One SGD step on x (N, 3, H, W), y (N,); its loss and error rate stay on the device as 0-d arrays."""
+    """One SGD step on x (N, 3, H, W), y (N,); its loss and error rate stay on the device as 0-d arrays.
+
+    A NaN or infinite loss raises DivergenceError before the update, so the weights stay as they
+    were. Checking it reads one number per step (on a GPU, a wait for the backward pass).
+    """
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     optimizer.zero_grad()
     loss.backward()
+    if not bool(get_array_module(loss.data).isfinite(loss.data)):
+        raise DivergenceError(f"the loss is {float(loss.data)}; this step's update was not made")
     optimizer.step()
     return loss.data, (logits.data.argmax(axis=1) != y.data).mean()
 
@@ -207,6 +215,8 @@ class Run:
         self.eval_window, self.log_window = Window(), Window()
         self.pending: list[tuple[float, Any, Any]] = []  # (lr, loss, err) of iterations not yet read
         self.lr_used = 0.0
+        self.start_loss: float | None = None  # the first iteration's loss: the yardstick of watch_loss
+        self.warned_growth = False
         self.last_saved: tuple[int, Any] | None = None   # (iteration, path) of the newest good checkpoint
         self.last_save_time = time.monotonic()
 
@@ -260,6 +270,7 @@ class Run:
         self.it, self.elapsed_before = int(extra["iteration"]), float(extra["elapsed"])
         self.eval_window, self.smooth_err = Window(**extra["window"]), float(extra["smooth_err"])
         self.log_window = Window(**extra.get("log_window", {}))  # older checkpoints have no dense log
+        self.start_loss = extra.get("start_loss")
         self.loader.load_state_dict(extra["loader"])
         self.last_saved = (self.it, self.dir.checkpoint)
         self.dir.roll_back(self.it)
@@ -313,7 +324,11 @@ class Run:
     def step(self, x: Tensor, y: Tensor) -> Any:
         """One iteration: an SGD step and the schedule's step; returns the loss (on the device)."""
         lr = self.optimizer.lr
-        loss, err = sgd_step(self.model, self.optimizer, x, y)
+        try:
+            loss, err = sgd_step(self.model, self.optimizer, x, y)
+        except DivergenceError as e:
+            self.read_pending()
+            self.diverged(f"{e} at iteration {self.it + 1}")
         self.pending.append((lr, loss, err))
         self.it += 1
         if getattr(self.scheduler, "warming_up", False):
@@ -353,6 +368,8 @@ class Run:
         for k, ((lr, _, _), (loss, err)) in enumerate(zip(self.pending, values.tolist())):
             if not math.isfinite(loss):
                 self.diverged(f"loss is {loss} at iteration {first + k}")
+            if self.start_loss is None:
+                self.start_loss = loss
             self.eval_window.add(loss, err)
             self.log_window.add(loss, err)
             self.smooth_err = err if first + k == 1 else 0.9 * self.smooth_err + 0.1 * err
@@ -363,7 +380,21 @@ class Run:
         """Stop with a DivergenceError that names the newest checkpoint holding finite weights."""
         where = (f"the last good checkpoint is {self.last_saved[1]} (iteration {self.last_saved[0]})"
                  if self.last_saved is not None else "no checkpoint was saved")
-        raise DivergenceError(f"training diverged: {what}; {where}. Try a lower learning rate or a warm-up.")
+        raise DivergenceError(f"training diverged: {what}; {where}. Try a lower learning rate (resume with --lr) "
+                              "or a warm-up.")
+
+    def watch_loss(self, loss: float) -> None:
+        """Say once when a window's mean training loss has grown to LOSS_GROWTH times the first iteration's."""
+        if self.start_loss is None or self.warned_growth or not loss > LOSS_GROWTH * self.start_loss:
+            return
+        self.warned_growth = True
+        text = (f"[{self.name}] warning: the training loss is {loss:.4g} at iteration {self.it}, "
+                f"{loss / self.start_loss:.3g} times its start ({self.start_loss:.4g}): training is diverging; "
+                "a lower learning rate (--lr) may help")
+        if self.cfg.progress:
+            self.progress.log(text)
+        else:  # a warning is not progress output: it is shown even then
+            print(text, file=sys.stderr, flush=True)
 
     def elapsed(self) -> float:
         """Wall time of the whole run so far, across resumes."""
@@ -378,6 +409,7 @@ class Run:
                                              "train_err": err, "elapsed": round(self.elapsed(), 3)})
         self.progress.set_stats(self.lr_used, loss, err)
         self.log_window = Window()
+        self.watch_loss(loss)
 
     def log_evaluation(self) -> None:
         """Evaluate, and log one row of metrics.jsonl with the training averages since the last one."""
@@ -406,7 +438,8 @@ class Run:
         extra = {"iteration": self.it, "config": self.cfg.to_dict(), "mean": self.mean,
                  "loader": self.loader.state_dict(),
                  "window": asdict(self.eval_window), "log_window": asdict(self.log_window),
-                 "smooth_err": self.smooth_err, "elapsed": self.elapsed(), "finished": self.it >= self.cfg.iters}
+                 "smooth_err": self.smooth_err, "start_loss": self.start_loss, "elapsed": self.elapsed(),
+                 "finished": self.it >= self.cfg.iters}
         self.dir.save_checkpoint(lambda path: save_checkpoint(path, self.model, self.optimizer, self.scheduler,
                                                               extra=extra))
         self.last_saved, self.last_save_time = (self.it, self.dir.checkpoint), time.monotonic()
