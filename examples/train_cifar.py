@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def check_start(config: TrainConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags, train, print the final error; exit status 130 after Ctrl-C, 1 on divergence."""
+    """Parse flags, train, print the final error; exit status 130 after Ctrl-C, 143 after SIGTERM, 1 on divergence."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume and (Path(args.out) / "config.json").exists():
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             result = train(config, data=data)
     except KeyboardInterrupt as e:
         print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports
     except DivergenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

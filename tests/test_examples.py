@@ -334,6 +334,21 @@ def test_train_cifar_ctrl_c_saves_and_resume_finishes(tmp_path, image_folder):
     assert f"ResNet-8: {it + 2} iterations" in done.stdout
 
 
+def test_train_cifar_sigterm_saves_and_exits_143(tmp_path, image_folder):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(EXAMPLES / "train_cifar.py"), "--depth", "8", "--data", str(image_folder),
+           "--batch-size", "8", "--eval-every", "3", "--iters", "100000", "--milestones", "--out", str(out)]
+    child = subprocess.Popen(cmd, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while child.poll() is None and not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143, err  # 128 + SIGTERM, as a shell reports a process ended by it
+    assert "SIGTERM: interrupted at iteration" in err and f"checkpoint saved to {out / 'checkpoint.npz'}" in err
+
+
 # ---- ordinary mistakes: one line on stderr, exit status 2, nothing left behind ------------
 
 def run_script(name: str, *args, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:

@@ -235,6 +235,43 @@ def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, tiny_data, options):
     assert_same_logs(tmp_path / "broken", tmp_path / "whole")
 
 
+def test_sigterm_saves_before_a_due_evaluation_and_the_resumed_run_makes_it(tmp_path, tiny_data):
+    options = {"iters": 8, "eval_every": 4, "log_every": 2, "checkpoint_every": 100}
+    whole = tiny_config(tmp_path / "whole", **options)
+    train(whole, data=tiny_data)
+
+    def send_sigterm(it: int, loss: float) -> None:
+        if it == 4:  # an evaluation is due after this iteration
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    broken = tiny_config(tmp_path / "broken", **options)
+    with pytest.raises(tinyres.run.Interrupted, match="SIGTERM: interrupted at iteration 4") as info:
+        train(broken, data=tiny_data, on_iteration=send_sigterm)
+    assert info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    assert read_metrics(tmp_path / "broken") == []  # saved without evaluating first
+    assert tinyres.load(tmp_path / "broken" / "checkpoint.npz")["extra"]["eval_pending"]
+
+    train(tiny_config(tmp_path / "broken", resume=True, **options), data=tiny_data)
+    assert_same_state(final_state(tmp_path / "broken", broken), final_state(tmp_path / "whole", whole))
+    assert_same_logs(tmp_path / "broken", tmp_path / "whole")
+
+
+def test_a_run_stopped_at_its_end_makes_its_last_evaluation_on_resume(tmp_path, tiny_data):
+    def send_sigterm(it: int, loss: float) -> None:
+        if it == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = tiny_config(tmp_path / "run", iters=4, eval_every=2, checkpoint_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, data=tiny_data, on_iteration=send_sigterm)
+    assert [r["iter"] for r in read_metrics(tmp_path / "run")] == [2]
+    result = train(dataclasses.replace(config, resume=True), data=tiny_data)
+    assert [r["iter"] for r in result["history"]] == [2, 4]
+    train(dataclasses.replace(config, resume=True), data=tiny_data)  # nothing left to do: no second row
+    assert [r["iter"] for r in read_metrics(tmp_path / "run")] == [2, 4]
+
+
 def assert_same_logs(run: Path, reference: Path) -> None:
     """The evaluations and the dense training curve of two runs agree row for row (but for wall time)."""
     for read in (read_metrics, read_train_log):
@@ -553,6 +590,22 @@ def test_progress_lines_in_a_log_and_a_bar_on_a_terminal():
     if p.tty and importlib.util.find_spec("tqdm"):  # a tqdm bar, redrawn in place
         assert "10/100" in text and "\r" in text and "train err 80.00%" in text
     assert "evaluation 1\n" in text
+
+
+def test_the_last_progress_line_shows_the_last_windows_statistics(tmp_path, tiny_data, capsys):
+    log = io.StringIO()
+    p = Progress(20, stream=log)
+    p.set_stats(0.1, 2.0, 0.8)
+    for it in range(1, 21):
+        p.update(it)
+    p.set_stats(0.01, 1.5, 0.5)  # the trainer logs the last window after the last update
+    p.close()
+    assert log.getvalue().splitlines()[-1].startswith("iter 20/20  lr 0.01  loss 1.5000  train err 50.00%")
+
+    train(tiny_config(tmp_path / "run", iters=12, log_every=6, progress=True), data=tiny_data)
+    last = [line for line in capsys.readouterr().err.splitlines() if line.startswith("iter 12/12")]
+    row = read_train_log(tmp_path / "run")[-1]
+    assert len(last) == 1 and f"lr {row['lr']:.4g}  loss {row['train_loss']:.4f}" in last[0]
 
 
 def test_eta_leaves_out_the_time_spent_evaluating():

@@ -31,7 +31,7 @@ from .progress import Progress, hms
 from .rundir import RunDir
 from .tensor import Tensor, no_grad, tensor
 
-__all__ = ["DivergenceError", "ResumeError", "Run", "TrainConfig", "default_eval_every", "evaluate", "sgd_step"]
+__all__ = ["DivergenceError", "Interrupted", "ResumeError", "Run", "TrainConfig", "default_eval_every", "evaluate", "sgd_step"]
 
 @dataclass
 class TrainConfig:
@@ -91,8 +91,10 @@ class ResumeError(ValueError):
 
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: np.ndarray,
-             batch_size: int = 1000, device: str = "cpu", std: np.ndarray | None = None) -> tuple[float, float]:
-    """Mean cross-entropy and error rate of `model` on uint8 NHWC `images`, in eval mode."""
+             batch_size: int = 1000, device: str = "cpu", std: np.ndarray | None = None,
+             should_stop: Callable[[], bool] | None = None) -> tuple[float, float] | None:
+    """Mean cross-entropy and error rate of `model` on uint8 NHWC `images`, in eval mode; None if
+    `should_stop()` turned true between two batches."""
     n = len(images)
     if n == 0 or len(labels) != n:
         raise ValueError(f"evaluate: needs at least one image and a label for each, "
@@ -103,6 +105,8 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: np.
     try:
         with no_grad():
             for i in range(0, n, batch_size):
+                if should_stop is not None and should_stop():
+                    return None
                 x = tensor(to_float(images[i:i + batch_size], mean, std), device=device)
                 y = tensor(np.asarray(labels[i:i + batch_size], dtype=np.int64), device=device)
                 logits = model(x)
@@ -160,6 +164,15 @@ class StopRequest:
     """Set by the first Ctrl-C or SIGTERM: the loop saves a checkpoint after this iteration and stops."""
 
     signal_name: str | None = None
+    signum: int = signal.SIGINT
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal after saving a checkpoint; `signum` says which (exit status 128 + signum)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 @contextlib.contextmanager
@@ -170,7 +183,7 @@ def stop_requests() -> Iterator[StopRequest]:
     def handler(signum: int, frame: Any) -> None:
         if stop.signal_name is not None:
             raise KeyboardInterrupt
-        stop.signal_name = signal.Signals(signum).name
+        stop.signal_name, stop.signum = signal.Signals(signum).name, signum
         print(f"\n{stop.signal_name}: saving a checkpoint after this iteration (Ctrl-C again to quit at once)",
               file=sys.stderr)
 
@@ -218,6 +231,7 @@ class Run:
         self.start_loss: float | None = None  # the first iteration's loss: the yardstick of watch_loss
         self.warned_growth = False
         self.last_saved: tuple[int, Any] | None = None   # (iteration, path) of the newest good checkpoint
+        self.eval_pending = False  # an evaluation due at this iteration that a stop request left undone
         self.last_save_time = time.monotonic()
 
     # ---- building and restoring ----------------------------------------------------------
@@ -273,7 +287,9 @@ class Run:
         self.start_loss = extra.get("start_loss")
         self.loader.load_state_dict(extra["loader"])
         self.last_saved = (self.it, self.dir.checkpoint)
-        self.dir.roll_back(self.it)
+        self.eval_pending = bool(extra.get("eval_pending", False))
+        self.lr_used = float(extra.get("lr_used", 0.0))  # the lr of the last iteration, which a pending row shows
+        self.dir.roll_back(self.it, evaluated=not self.eval_pending)
         self._apply_changed_config(extra["config"])
 
     def _apply_changed_config(self, saved: dict[str, Any]) -> None:
@@ -310,6 +326,10 @@ class Run:
         batches = self.loader.stream()  # endless, from the saved position on
         try:
             with stop_requests() as stop:
+                if self.eval_pending:  # left undone by the stop request that ended the last process
+                    self.eval_pending = not self.log_evaluation()
+                    if self.it >= cfg.iters:
+                        self.save()
                 self.model.train()
                 while self.it < cfg.iters:
                     xb, yb = next(batches)
@@ -340,17 +360,24 @@ class Run:
         return loss
 
     def log_save_or_stop(self, stop: StopRequest) -> None:
-        """Log, evaluate and checkpoint when due; after a stop request, save and raise KeyboardInterrupt."""
+        """Log, evaluate and checkpoint when due; after a stop request, save and raise `Interrupted`.
+
+        A stop request saves first: an evaluation that is due (or that the request cut short) is
+        left to the resumed run, which makes it before its first iteration, so that the process
+        ends within a scheduler's grace period and the logs come out as in an unbroken run.
+        """
         it, end = self.it, self.it == self.cfg.iters
         if it % self.cfg.log_every == 0 or end:
             self.log_training()
-        if it % self.eval_every == 0 or end:
-            self.log_evaluation()
+        if (it % self.eval_every == 0 or end) and not stop.signal_name:
+            self.eval_pending = not self.log_evaluation(lambda: stop.signal_name is not None)
+        elif it % self.eval_every == 0 or end:
+            self.eval_pending = True
         if end or stop.signal_name or self._checkpoint_due():
             self.save()
         if stop.signal_name:
-            raise KeyboardInterrupt(f"{stop.signal_name}: interrupted at iteration {it}; checkpoint saved to "
-                                    f"{self.dir.checkpoint} (resume with resume=True / --resume)")
+            raise Interrupted(f"{stop.signal_name}: interrupted at iteration {it}; checkpoint saved to "
+                              f"{self.dir.checkpoint} (resume with resume=True / --resume)", stop.signum)
 
     def _checkpoint_due(self) -> bool:
         if self.cfg.checkpoint_every:
@@ -411,11 +438,15 @@ class Run:
         self.log_window = Window()
         self.watch_loss(loss)
 
-    def log_evaluation(self) -> None:
-        """Evaluate, and log one row of metrics.jsonl with the training averages since the last one."""
+    def log_evaluation(self, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Evaluate, and log one row of metrics.jsonl with the training averages since the last one;
+        False (and nothing logged) if `should_stop()` cut the evaluation short."""
         self.read_pending()
-        test_loss, test_err = evaluate(self.model, self.eval_x, self.eval_y, self.mean, self.cfg.eval_batch_size,
-                                       self.cfg.device)
+        result = evaluate(self.model, self.eval_x, self.eval_y, self.mean, self.cfg.eval_batch_size,
+                          self.cfg.device, should_stop=should_stop)
+        if result is None:
+            return False
+        test_loss, test_err = result
         train_loss, train_err = self.eval_window.means()
         row = {"iter": self.it, "lr": self.lr_used, "train_loss": train_loss, "train_err": train_err,
                "test_loss": test_loss, "test_err": test_err, "split": self.split,
@@ -427,6 +458,7 @@ class Run:
                           f"  ({hms(row['elapsed'])} elapsed)")
         self.eval_window = Window()
         self.progress.pause()
+        return True
 
     def save(self) -> None:
         """Checkpoint the run, keeping the previous checkpoint; never one with NaN or infinite weights."""
@@ -439,7 +471,7 @@ class Run:
                  "loader": self.loader.state_dict(),
                  "window": asdict(self.eval_window), "log_window": asdict(self.log_window),
                  "smooth_err": self.smooth_err, "start_loss": self.start_loss, "elapsed": self.elapsed(),
-                 "finished": self.it >= self.cfg.iters}
+                 "eval_pending": self.eval_pending, "lr_used": self.lr_used, "finished": self.it >= self.cfg.iters}
         self.dir.save_checkpoint(lambda path: save_checkpoint(path, self.model, self.optimizer, self.scheduler,
                                                               extra=extra))
         self.last_saved, self.last_save_time = (self.it, self.dir.checkpoint), time.monotonic()

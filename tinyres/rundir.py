@@ -74,11 +74,12 @@ class RunDir:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def roll_back(self, iteration: int) -> None:
-        """Drop logged rows after `iteration`: the resumed run will log them again."""
+    def roll_back(self, iteration: int, evaluated: bool = True) -> None:
+        """Drop logged rows after `iteration` (and its evaluation unless `evaluated`): the resumed run logs them again."""
         for path in (self.metrics, self.train_log):
             if path.exists():
-                rows = [r for r in read_jsonl(path) if r["iter"] <= iteration]
+                last = iteration if evaluated or path != self.metrics else iteration - 1
+                rows = [r for r in read_jsonl(path) if r["iter"] <= last]
                 write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def save_checkpoint(self, save: Callable[[Path], None]) -> None:
