@@ -92,6 +92,25 @@ def test_plot_curves_writes_figure_6(tmp_path, capsys):
     assert len(plot_curves.load_run(dirs[0])["rows"]) == 20
 
 
+def test_plot_curves_tells_two_runs_of_one_net_apart_and_draws_no_empty_panel(tmp_path):
+    plot_curves = example("plot_curves")
+    first, second, other = tmp_path / "r20-seed0", tmp_path / "r20-seed1", tmp_path / "r56"
+    write_run(first, 20, False)
+    write_run(second, 20, False)
+    write_run(other, 56, False)
+    fig = plot_curves.figure_6([first, second, other])
+    assert len(fig.axes) == 1  # ResNets only: no "no runs" panel for the plain nets
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["ResNet-20 (r20-seed0)", "ResNet-20 (r20-seed1)", "ResNet-56"]
+    colors = [line.get_color() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert len(set(colors)) == 3
+    plain = tmp_path / "plain20"
+    write_run(plain, 20, True)
+    assert [a.get_title() for a in plot_curves.figure_6([plain, first]).axes] == \
+        ["plain networks", "residual networks (ResNets)"]
+
+
 def test_layer_responses_are_the_bn_outputs_of_3x3_convs():
     import tinyres
     from tinyres.data import to_float
