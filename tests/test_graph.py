@@ -227,6 +227,12 @@ def test_render_svg_and_png(tmp_path):
 
 
 @needs_dot
+def test_render_makes_the_folder_it_writes_into(tmp_path):
+    render("digraph { a -> b }", tmp_path / "graphs" / "new" / "ab.svg")
+    assert "<svg" in (tmp_path / "graphs" / "new" / "ab.svg").read_text()
+
+
+@needs_dot
 def test_render_draws_escaped_labels(tmp_path):
     render(to_dot(Quoted()(tinyres.tensor([1.0], requires_grad=True))), tmp_path / "quoted.svg")
     svg = (tmp_path / "quoted.svg").read_text()
