@@ -376,3 +376,38 @@ def test_left_out_layers_say_what_to_use_instead(name, advice):
         getattr(nn, name)
     with pytest.raises(AttributeError, match="module 'tinyres.nn' has no attribute 'Nonsense'"):
         nn.Nonsense  # noqa: B018
+
+
+def test_module_dtype_conversion_add_module_and_register_parameter():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    model.add_module("head", nn.Linear(2, 1))
+    model.register_parameter("scale", nn.Parameter(np.ones(1, np.float32)))
+    assert "head.weight" in model.state_dict() and "scale" in model.state_dict()
+    weight = model[0].weight
+    assert model.to(tinyres.float64) is model and weight.dtype == np.float64 and weight is model[0].weight
+    assert model[1].running_mean.dtype == np.float64
+    assert model.float()[0].weight.dtype == np.float32 and model.double().head.bias.dtype == np.float64
+    with pytest.raises(TypeError, match="register_parameter: 'w' must be a Parameter, got Tensor"):
+        model.register_parameter("w", tinyres.zeros(1))
+    with pytest.raises(TypeError, match="parameters must stay floating point, got int64"):
+        model.to(tinyres.int64)
+
+
+def test_nll_loss_of_log_softmax_is_cross_entropy():
+    x = tinyres.tensor(np.random.default_rng(0).standard_normal((4, 5)), requires_grad=True)
+    y = np.array([0, 3, 4, 1])
+    for reduction in ("mean", "sum", "none"):
+        np.testing.assert_allclose(F.nll_loss(F.log_softmax(x, 1), y, reduction=reduction).numpy(),
+                                   F.cross_entropy(x, y, reduction=reduction).numpy(), rtol=1e-12)
+    assert tinyres.gradcheck(lambda t: F.nll_loss(F.log_softmax(t, 1), y), [x])
+    with pytest.raises(AttributeError, match="tinyres.nn.functional has no dropout: the networks of He et al."):
+        F.dropout  # noqa: B018
+
+
+def test_left_out_optimizers_and_parameter_groups_say_what_to_use_instead():
+    model = nn.Linear(2, 1)
+    with pytest.raises(AttributeError, match=r"tinyres.optim has no Adam: .*optim.SGD\(model.parameters\(\)"):
+        tinyres.optim.Adam  # noqa: B018
+    opt = tinyres.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="SGD.add_param_group: parameter groups are left out"):
+        opt.add_param_group({"params": [nn.Parameter(np.zeros(1, np.float32))]})

@@ -787,3 +787,34 @@ def test_left_out_methods_say_what_to_use_instead(device):
     with pytest.raises(AttributeError, match="^'Tensor' object has no attribute 'nonsense'$"):
         x.nonsense  # noqa: B018
     assert not hasattr(x, "nonsense")
+
+
+def test_topk_expand_and_more_factories(device):
+    x = leaf(np.array([[1.0, 5.0, 2.0, 7.0], [7.0, 0.0, 3.0, 1.0]]), device)
+    values, indices = x.topk(2, dim=1)
+    assert values.tolist() == [[7, 5], [7, 3]] and indices.tolist() == [[3, 1], [0, 2]]
+    assert tinyres.topk(x, 1, dim=0, largest=False).indices.tolist() == [[0, 1, 0, 1]]
+    assert gradcheck(lambda t: t.topk(3, 1).values, [x])
+    with pytest.raises(ValueError, match=r"topk: k=5 out of range for dim 1 of a tensor of shape \(2, 4\)"):
+        x.topk(5, 1)
+    row = leaf(np.array([1.0, 2.0]), device)
+    assert row.expand(3, -1).shape == (3, 2) and row.unsqueeze(1).expand_as(x[:, :3]).shape == (2, 3)
+    assert gradcheck(lambda t: t.expand(3, 2) * 2, [row])
+    with pytest.raises(ValueError, match=r"expand: shape \(2,\) cannot be broadcast to \(3,\)"):
+        row.expand(3)
+    tinyres.manual_seed(1)
+    assert tinyres.randint(0, 10, (5,), device=device).dtype == np.int64
+    assert 0 <= tinyres.randint(3, size=(4,)).numpy().min() and tinyres.randint(3, size=(4,)).numpy().max() < 3
+    r = tinyres.rand(2, 3, device=device)
+    assert r.shape == (2, 3) and r.dtype == np.float32 and 0 <= r.numpy().min() and r.numpy().max() < 1
+    assert tinyres.full((2,), 0.5).tolist() == [0.5, 0.5] and tinyres.full((1,), 3).dtype == np.int64
+    assert tinyres.empty(2, 3).shape == (2, 3)
+
+
+def test_left_out_top_level_names_say_what_to_use_instead():
+    with pytest.raises(AttributeError, match="tinyres has no backends: there is no cuDNN to configure"):
+        tinyres.backends  # noqa: B018
+    with pytest.raises(AttributeError, match=r"tinyres has no utils: .*tinyres.data.DataLoader"):
+        tinyres.utils  # noqa: B018
+    with pytest.raises(AttributeError, match="module 'tinyres' has no attribute 'nonsense'"):
+        tinyres.nonsense  # noqa: B018

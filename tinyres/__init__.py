@@ -16,6 +16,7 @@ from .ops import (
     clone,
     concatenate,
     exp,
+    expand,
     flatten,
     log,
     matmul,
@@ -29,6 +30,7 @@ from .ops import (
     squeeze,
     stack,
     sum,
+    topk,
     transpose,
     unsqueeze,
 )
@@ -36,10 +38,12 @@ from .tensor import (
     Tensor,
     arange,
     as_tensor,
+    empty,
     enable_grad,
     float32,
     float64,
     from_numpy,
+    full,
     inference_mode,
     int32,
     int64,
@@ -48,6 +52,8 @@ from .tensor import (
     no_grad,
     ones,
     ones_like,
+    rand,
+    randint,
     randn,
     set_grad_enabled,
     tensor,
@@ -67,11 +73,31 @@ def device(name: str) -> str:
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tensor", "amax", "amin", "arange", "argmax", "argmin", "as_tensor", "bool", "cat", "clone", "concatenate", "cuda",
-    "cuda_available", "device", "double", "enable_grad", "exp", "flatten", "float", "float32", "float64",
-    "from_numpy", "get_array_module", "get_num_threads", "gradcheck", "graph", "inference_mode", "int32", "int64",
-    "is_grad_enabled", "load", "load_checkpoint", "log", "long", "manual_seed", "matmul", "max", "mean", "min",
-    "models", "nn", "no_grad", "ones", "ones_like", "ops", "optim", "permute", "randn", "relu", "reshape", "save",
-    "save_checkpoint", "set_grad_enabled", "set_num_threads", "softmax", "squeeze", "stack", "sum", "tensor",
-    "transpose", "uint8", "unsqueeze", "zeros", "zeros_like",
+    "Tensor", "amax", "amin", "arange", "argmax", "argmin", "as_tensor", "bool", "cat", "clone", "concatenate",
+    "cuda", "cuda_available", "device", "double", "empty", "enable_grad", "exp", "expand", "flatten", "float",
+    "float32", "float64", "from_numpy", "full", "get_array_module", "get_num_threads", "gradcheck", "graph",
+    "inference_mode", "int32", "int64", "is_grad_enabled", "load", "load_checkpoint", "log", "long", "manual_seed",
+    "matmul", "max", "mean", "min", "models", "nn", "no_grad", "ones", "ones_like", "ops", "optim", "permute", "rand",
+    "randint", "randn", "relu", "reshape", "save", "save_checkpoint", "set_grad_enabled", "set_num_threads",
+    "softmax", "squeeze", "stack", "sum", "tensor", "topk", "transpose", "uint8", "unsqueeze", "zeros", "zeros_like",
 ]
+
+
+# what a PyTorch script may reach for at the top level that tinyres leaves out, and what to use instead
+LEFT_OUT = {
+    "utils": "for data, tinyres.data.DataLoader(images, labels, batch_size=128, shuffle=True) gives batches of "
+             "arrays; wrap them with tinyres.tensor",
+    "backends": "there is no cuDNN to configure: drop the line (torch.backends.cudnn.benchmark = ...)",
+    "float16": "float16 is left out: train in float32", "half": "float16 is left out: train in float32",
+    "bfloat16": "bfloat16 is left out: train in float32",
+    "autograd": "autograd.grad and higher-order gradients are left out: call .backward() and read .grad",
+    "compile": "there is no compiler: call the model directly", "jit": "there is no JIT: call the model directly",
+    "amp": "mixed precision is left out: train in float32",
+    "distributed": "multi-device training is left out: train on one device with model.to(device)",
+}
+
+
+def __getattr__(name: str):
+    if name in LEFT_OUT:
+        raise AttributeError(f"tinyres has no {name}: {LEFT_OUT[name]}")
+    raise AttributeError(f"module 'tinyres' has no attribute {name!r}")

@@ -14,11 +14,12 @@ from typing import NamedTuple
 import numpy as np
 
 from . import kernels
-from .backend import normalize_device, to_device
+from .backend import get_array_module, normalize_device, to_device
 from .shape_ops import (
     cat,
     clone,
     concatenate,
+    expand,
     flatten,
     getitem,
     pad,
@@ -335,6 +336,21 @@ def argmin(x, dim: int | None = None, keepdim: bool = False) -> Tensor:
     return _arg_reduce("argmin", x, dim, keepdim)
 
 
+def topk(x, k: int, dim: int = -1, largest: bool = True, sorted: bool = True) -> ValuesIndices:
+    """The `k` largest (or smallest) values along `dim` and their indices, as `torch.topk`: always in order
+    (largest first), ties in index order; the values are differentiable."""
+    x = as_tensor(x)
+    (d,), _ = _reduce_axes(x, dim, None, False, None, "topk")
+    if not 0 <= k <= x.shape[d]:
+        raise ValueError(f"topk: k={k} out of range for dim {dim} of a tensor of shape {x.shape}")
+    xp = get_array_module(x.data)
+    order = xp.argsort(-x.data if largest else x.data, axis=d, kind="stable")
+    indices = xp.take(order, xp.arange(k), axis=d)
+    grid = list(xp.indices(indices.shape, sparse=True))
+    grid[d] = indices
+    return ValuesIndices(getitem(x, tuple(grid)), Tensor(indices))
+
+
 # ---- device and dtype --------------------------------------------------------------------
 
 class ToDevice(Function):
@@ -428,8 +444,6 @@ LEFT_OUT_METHODS = {
                      "backward()",
     "retain_grad": "only leaves get a .grad: make the tensor a leaf (x = x.detach().requires_grad_())",
     "type": "use .to(dtype), .float(), .double() or .long()",
-    "expand": "broadcasting does it: write the op with the smaller tensor directly",
-    "expand_as": "broadcasting does it: write the op with the smaller tensor directly",
     "repeat": "use tinyres.cat([x] * n, dim)",
     "data_ptr": "use .data, the NumPy or CuPy array, and its own attributes",
     "storage": "use .data, the NumPy or CuPy array",
@@ -437,7 +451,7 @@ LEFT_OUT_METHODS = {
     "share_memory_": "multi-process training is left out",
 }
 _LEFT_OUT_FUNCTIONS = ("abs", "sqrt", "sigmoid", "tanh", "clamp", "clip", "sin", "cos", "std", "var", "norm",
-                       "prod", "cumsum", "sort", "topk", "gather", "scatter", "where", "masked_fill", "split",
+                       "prod", "cumsum", "sort", "gather", "scatter", "where", "masked_fill", "split",
                        "chunk", "roll", "flip")
 LEFT_OUT_METHODS.update(dict.fromkeys(
     _LEFT_OUT_FUNCTIONS, "not an op of tinyres, which has the ops the paper's networks need (see tinyres.ops); "
@@ -470,10 +484,11 @@ def _install_tensor_methods() -> None:
     T.eq, T.ne, T.lt, T.le, T.gt, T.ge = T.__eq__, T.__ne__, T.__lt__, T.__le__, T.__gt__, T.__ge__
     T.__getattr__ = _missing_attribute
     for f in (exp, log, relu, softmax, log_softmax, sum, mean, amax, amin, argmax, argmin, max, min, reshape,
-              flatten, transpose, permute, unsqueeze, squeeze, clone, t, matmul, to):
+              flatten, transpose, permute, unsqueeze, squeeze, clone, t, expand, topk, matmul, to):
         setattr(T, f.__name__, f)
     T.view = reshape
     T.view_as = lambda self, other: reshape(self, other.shape)
+    T.expand_as = lambda self, other: expand(self, other.shape)
     T.contiguous = lambda self: self  # every op accepts any memory layout
     T.T = property(lambda self: permute(self, *reversed(range(self.ndim))))
     T.is_cuda = property(lambda self: self.device == "cuda")
@@ -492,6 +507,6 @@ _install_tensor_methods()
 
 __all__ = ["Add", "Cast", "Div", "Exp", "Log", "LogSoftmax", "MatMul", "Max", "Mul", "Neg", "Pow", "ReLU", "Sub",
            "Sum", "ToDevice", "ValuesIndices", "add", "amax", "amin", "argmax", "argmin", "cat", "clone",
-           "concatenate", "div", "exp", "flatten", "getitem", "log", "log_softmax", "matmul", "max", "mean", "min",
+           "concatenate", "div", "exp", "expand", "flatten", "getitem", "log", "log_softmax", "matmul", "max", "mean", "min",
            "mul", "neg", "pad", "permute", "pow", "relu", "reshape", "softmax", "squeeze", "stack", "sub", "sum", "t",
-           "to", "transpose", "unsqueeze"]
+           "to", "topk", "transpose", "unsqueeze"]

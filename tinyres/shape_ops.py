@@ -115,6 +115,29 @@ def t(x) -> Tensor:
     return transpose(x, 0, 1) if x.ndim == 2 else x
 
 
+class Expand(Function):
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        try:
+            return self.xp.broadcast_to(x, self.shape)
+        except ValueError:
+            raise ValueError(f"expand: shape {tuple(x.shape)} cannot be broadcast to {self.shape}") from None
+
+    def backward(self, gy):
+        return gy  # summed back to x's shape where broadcasting stretched it (tensor.unbroadcast)
+
+
+def expand(x, *shape) -> Tensor:
+    """`x` broadcast to `shape` (-1 keeps a dim), as `torch.Tensor.expand`: a view, no copy."""
+    x = as_tensor(x)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    lead = len(shape) - x.ndim
+    return Expand(tuple(x.shape[i - lead] if n == -1 and i >= lead else int(n) for i, n in enumerate(shape)))(x)
+
+
 class GetItem(Function):
     def __init__(self, index):
         self.index = index

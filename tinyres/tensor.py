@@ -263,6 +263,34 @@ def randn(*shape, dtype=np.float32, device: str = "cpu", requires_grad: bool = F
     return tensor(values, requires_grad=requires_grad, device=device)
 
 
+def rand(*shape, dtype=np.float32, device: str = "cpu", requires_grad: bool = False,
+         generator: np.random.Generator | None = None) -> Tensor:
+    """Uniform samples from [0, 1), from `generator` or the one `tinyres.manual_seed` seeds."""
+    values = (generator or _generator).random(_shape_arg(shape)).astype(dtype)
+    return tensor(values, requires_grad=requires_grad, device=device)
+
+
+def randint(low: int, high: int | None = None, size: tuple[int, ...] = (), dtype=np.int64, device: str = "cpu",
+            generator: np.random.Generator | None = None) -> Tensor:
+    """Integers from [low, high) (from [0, low) without `high`) of shape `size`, as `torch.randint`."""
+    if high is None:
+        low, high = 0, low
+    return tensor((generator or _generator).integers(low, high, size).astype(dtype), device=device)
+
+
+def full(shape, fill_value, dtype=None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+    """A tensor of `fill_value` (float32 for a float, int64 for an int)."""
+    if dtype is None:
+        dtype = np.int64 if isinstance(fill_value, (int, np.integer)) and not isinstance(fill_value, bool) else \
+            np.bool_ if isinstance(fill_value, bool) else np.float32
+    return tensor(np.full(_shape_arg((shape,)), fill_value, dtype=dtype), requires_grad=requires_grad, device=device)
+
+
+def empty(*shape, dtype=np.float32, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+    """A tensor to be filled (here zeros: NumPy's uninitialized memory buys nothing at these sizes)."""
+    return zeros(*shape, dtype=dtype, device=device, requires_grad=requires_grad)
+
+
 def zeros_like(t: Tensor, requires_grad: bool = False) -> Tensor:
     """Zeros of the shape, dtype and device of `t`."""
     xp = get_array_module(t.data)

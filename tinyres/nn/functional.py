@@ -30,7 +30,7 @@ from ..tensor import Function, Tensor, as_tensor
 
 __all__ = [
     "adaptive_avg_pool2d", "avg_pool2d", "batch_norm", "cat", "concatenate", "conv2d", "cross_entropy", "flatten",
-    "getitem", "global_avg_pool2d", "linear", "log_softmax", "max_pool2d", "mean", "pad", "permute", "relu",
+    "getitem", "global_avg_pool2d", "linear", "log_softmax", "max_pool2d", "mean", "nll_loss", "pad", "permute", "relu",
     "reshape", "softmax", "transpose",
 ]
 
@@ -356,3 +356,33 @@ def cross_entropy(input, target, reduction: str = "mean", label_smoothing: float
         raise ValueError(f"cross_entropy: target values must lie in [0, {x.shape[1]}), "
                          f"got min {int(t.min())}, max {int(t.max())}")
     return CrossEntropy(t, float(label_smoothing), reduction)(x)
+
+
+def nll_loss(input, target, reduction: str = "mean") -> Tensor:
+    """Negative log-likelihood of integer `target` (N,) given log-probabilities `input` (N, classes), as PyTorch's:
+    `nll_loss(log_softmax(x, 1), t)` is `cross_entropy(x, t)`."""
+    x = as_tensor(input)
+    t = target.data if isinstance(target, Tensor) else np.asarray(target)
+    if x.ndim != 2 or t.ndim != 1 or t.shape[0] != x.shape[0] or t.dtype.kind not in "iu":
+        raise ValueError(f"nll_loss: expected log-probabilities (N, classes) and integer targets (N,), got "
+                         f"{x.shape} and {t.dtype}{tuple(t.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"nll_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    picked = -getitem(x, (get_array_module(x.data).arange(x.shape[0]), t))
+    return picked if reduction == "none" else picked.sum() if reduction == "sum" else picked.mean()
+
+
+# functions a PyTorch script may call that tinyres leaves out, and what to use instead
+LEFT_OUT_FUNCTIONS = {
+    **dict.fromkeys(("dropout", "dropout2d", "sigmoid", "tanh", "leaky_relu", "gelu", "silu", "elu", "layer_norm",
+                     "group_norm", "interpolate", "conv1d", "conv3d", "conv_transpose2d", "embedding"),
+                    "the networks of He et al. (2015) do not use it, and tinyres has the ops they need"),
+    "mse_loss": "write ((input - target) ** 2).mean()",
+    "one_hot": "index an identity matrix: tinyres.tensor(numpy.eye(classes)[labels])",
+}
+
+
+def __getattr__(name: str):
+    if name in LEFT_OUT_FUNCTIONS:
+        raise AttributeError(f"tinyres.nn.functional has no {name}: {LEFT_OUT_FUNCTIONS[name]}")
+    raise AttributeError(f"module 'tinyres.nn.functional' has no attribute {name!r}")

@@ -142,6 +142,16 @@ class Module:
                 return
         object.__delattr__(self, name)
 
+    def add_module(self, name: str, module: Module | None) -> None:
+        """Register `module` as the submodule `name` (as assigning it to the attribute does)."""
+        setattr(self, name, module)
+
+    def register_parameter(self, name: str, param: Parameter | None) -> None:
+        """Register `param` as the parameter `name` (as assigning it to the attribute does)."""
+        if param is not None and not isinstance(param, Parameter):
+            raise TypeError(f"register_parameter: {name!r} must be a Parameter, got {type(param).__name__}")
+        setattr(self, name, param)
+
     def register_buffer(self, name: str, value: Any) -> None:
         """Add state that `state_dict` saves and `to` moves but that is not trained (an array)."""
         if name in self._parameters or name in self._modules:
@@ -230,8 +240,15 @@ class Module:
             p.requires_grad_(requires_grad)
         return self
 
-    def to(self, device: str) -> Module:
-        """Move all parameters and buffers to `device` in place ('cpu' or 'cuda'); returns self."""
+    def to(self, device: Any = None, dtype: Any = None) -> Module:
+        """Move all parameters and buffers to `device` ('cpu' or 'cuda') and/or convert their floats to `dtype`,
+        in place; returns self. `model.to(tinyres.float64)` converts, as in PyTorch."""
+        if isinstance(device, (type, np.dtype)):
+            device, dtype = None, device
+        if dtype is not None:
+            self._cast(np.dtype(dtype))
+        if device is None:
+            return self
         device = normalize_device(device)
         for m in self.modules():
             for p in m._parameters.values():
@@ -243,6 +260,25 @@ class Module:
                 if b is not None:
                     m._buffers[k] = to_device(b, device)
         return self
+
+    def _cast(self, dtype: np.dtype) -> None:
+        if dtype.kind != "f":
+            raise TypeError(f"{type(self).__name__}.to: parameters must stay floating point, got {dtype}")
+        for m in self.modules():
+            for p in m._parameters.values():
+                if p.dtype != dtype:  # the same Parameter objects: an optimizer keeps them
+                    p.data, p.grad = p.data.astype(dtype), None
+            for k, b in m._buffers.items():
+                if b is not None and b.dtype.kind == "f":
+                    m._buffers[k] = b.astype(dtype)
+
+    def float(self) -> Module:
+        """Parameters and buffers in float32 (the training dtype), in place; returns self."""
+        return self.to(dtype=np.float32)
+
+    def double(self) -> Module:
+        """Parameters and buffers in float64 (for gradient checks), in place; returns self."""
+        return self.to(dtype=np.float64)
 
     def cpu(self) -> Module:
         """Move to the CPU in place; returns self."""

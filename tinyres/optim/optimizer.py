@@ -43,6 +43,11 @@ class Optimizer:
         """Update the parameters from their gradients."""
         raise NotImplementedError
 
+    def add_param_group(self, group: dict[str, Any]) -> None:
+        """Parameter groups are left out: one optimizer holds one group."""
+        raise TypeError(f"{type(self).__name__}.add_param_group: parameter groups are left out; give all parameters "
+                        "to one optimizer, or make a second optimizer for the new ones")
+
     def param_state(self, i: int) -> dict[str, Any]:
         """The state of parameter `i`, its arrays moved to where the parameter now is.
 
