@@ -344,9 +344,11 @@ def topk(x, k: int, dim: int = -1, largest: bool = True, sorted: bool = True) ->
     if not 0 <= k <= x.shape[d]:
         raise ValueError(f"topk: k={k} out of range for dim {dim} of a tensor of shape {x.shape}")
     xp = get_array_module(x.data)
-    order = xp.argsort(-x.data if largest else x.data, axis=d, kind="stable")
+    stable = {"kind": "stable"} if xp is np else {}  # CuPy's sort is always stable and takes no other kind
+    order = xp.argsort(-x.data if largest else x.data, axis=d, **stable)
     indices = xp.take(order, xp.arange(k), axis=d)
-    grid = list(xp.indices(indices.shape, sparse=True))
+    # index arrays that pick indices[..., j, ...] along d and keep every other position
+    grid = [xp.arange(n).reshape([-1 if i == a else 1 for i in range(x.ndim)]) for a, n in enumerate(indices.shape)]
     grid[d] = indices
     return ValuesIndices(getitem(x, tuple(grid)), Tensor(indices))
 
