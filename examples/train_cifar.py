@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: 64k iterations, lr /10 at 32k and 48k; short: 2k, /10 at 1.5k and 1.9k (%(default)s)")
     p.add_argument("--iters", type=int, default=None,
                    help="total iterations (overrides --schedule); the schedule's lr milestones scale with it, "
-                        "e.g. the paper's to 50%% and 75%% of the run, unless --milestones is given")
+                        "e.g. the paper's to 50%% and 75%% of the run, unless --milestones is given (with --resume "
+                        "the run's milestones are kept: those already passed cannot move)")
     p.add_argument("--milestones", type=int, nargs="*", default=None,
                    help="iterations at which the lr is divided by 10, at most --iters (overrides --schedule)")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate (%(default)s)")
