@@ -28,10 +28,11 @@ from .data import CIFAR10, DataLoader, load_cifar10, per_pixel_mean, to_float, t
 from .models import count_parameters
 from .nn import functional as F
 from .progress import Progress, hms
-from .rundir import RunDir
+from .rundir import RunDir, read_jsonl
 from .tensor import Tensor, no_grad, tensor
 
-__all__ = ["DivergenceError", "Interrupted", "ResumeError", "Run", "TrainConfig", "default_eval_every", "evaluate", "sgd_step"]
+__all__ = ["DivergenceError", "Interrupted", "ResumeError", "Run", "TrainConfig", "default_eval_every", "evaluate",
+           "sgd_step"]
 
 @dataclass
 class TrainConfig:
@@ -41,10 +42,18 @@ class TrainConfig:
     plain: bool = False             # a plain net (no shortcuts) instead of a ResNet
     shortcut: str = "A"             # A: zero-padding identity, B: projections when shapes change, C: all projections
     iters: int = 64_000
+    lr_schedule: str = "multistep"  # multistep: /lr_gamma at each milestone; onecycle: OneCycleLR up to lr; cosine
     milestones: tuple[int, ...] = (32_000, 48_000)
-    lr: float = 0.1
+    lr: float = 0.1                 # the start (multistep, cosine) or the peak (onecycle)
     lr_gamma: float = 0.1
+    pct_start: float = 0.3          # onecycle, cosine: the part of the run over which the lr rises
+    anneal_strategy: str = "cos"    # onecycle: "cos" or "linear"
+    div_factor: float = 25.0        # onecycle, cosine: the lr starts at lr / div_factor
+    final_div_factor: float = 1e4   # onecycle: the lr ends at lr / div_factor / final_div_factor
+    cycle_momentum: bool = True     # onecycle: momentum from `momentum` down to `base_momentum` and back
+    base_momentum: float = 0.85
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 1e-4
     batch_size: int = 128
     warmup: bool | None = None      # None: warm up when depth >= 110, as the paper did for ResNet-110
@@ -74,8 +83,58 @@ class TrainConfig:
         return d
 
 
+LR_SCHEDULES = ("multistep", "onecycle", "cosine")
+
+
+def make_scheduler(optimizer: optim.Optimizer, cfg: TrainConfig) -> optim.LRScheduler:
+    """The learning-rate schedule `cfg` names, stepped once per iteration over `cfg.iters` iterations.
+
+    multistep: the paper's, lr divided by `lr_gamma` at each milestone (with the warm-up of deep
+    nets); onecycle: PyTorch's OneCycleLR peaking at `lr`; cosine: a linear rise from
+    lr / div_factor over `pct_start` of the run, then half a cosine down to 0.
+    """
+    if cfg.lr_schedule == "onecycle":
+        return optim.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.iters, pct_start=cfg.pct_start,
+                                anneal_strategy=cfg.anneal_strategy, cycle_momentum=cfg.cycle_momentum,
+                                base_momentum=cfg.base_momentum, max_momentum=cfg.momentum,
+                                div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
+    if cfg.lr_schedule == "cosine":
+        rise = round(cfg.pct_start * cfg.iters)
+        cosine = optim.CosineAnnealingLR(optimizer, T_max=cfg.iters - rise)
+        if rise == 0:
+            return cosine
+        return optim.SequentialLR(optimizer, [optim.LinearLR(optimizer, 1 / cfg.div_factor, total_iters=rise), cosine],
+                                  milestones=[rise])
+    if cfg.lr_schedule != "multistep":
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    scheduler: optim.LRScheduler = optim.MultiStepLR(optimizer, list(cfg.milestones), gamma=cfg.lr_gamma)
+    if cfg.warmup if cfg.warmup is not None else cfg.depth >= 110:
+        scheduler = optim.WarmupLR(optimizer, scheduler, warmup_lr=cfg.warmup_lr, until_iter=cfg.warmup_iters,
+                                   until_error=cfg.warmup_error)
+    return scheduler
+
+
+# Table 6 of the paper: CIFAR-10 test error of the ResNets with option-A shortcuts
+PAPER_TEST_ERROR = {20: 0.0875, 32: 0.0751, 44: 0.0717, 56: 0.0697, 110: 0.0643, 1202: 0.0793}
+
+
+def error_targets(cfg: TrainConfig) -> list[float]:
+    """The test errors whose first crossing a run reports: 10%, and the paper's figure for its net if it has one."""
+    paper = PAPER_TEST_ERROR.get(cfg.depth) if not cfg.plain and cfg.shortcut == "A" else None
+    return [0.10] + ([paper] if paper is not None else [])
+
+
+def first_below(history: list[dict[str, Any]], error: float) -> dict[str, Any] | None:
+    """The first evaluation row of `history` (metrics.jsonl) whose test error is below `error`, or None."""
+    return next((row for row in history if row["test_err"] < error), None)
+
+
 # resuming with a different network would load mismatched weights: these keys must agree
 ARCH_KEYS = ("depth", "plain", "shortcut")
+# the settings that define the learning-rate schedule (and a onecycle run's momentum): a change on resume rebuilds it
+SCHEDULE_KEYS = ("lr_schedule", "iters", "milestones", "lr", "lr_gamma", "pct_start", "anneal_strategy", "div_factor",
+                 "final_div_factor", "cycle_momentum", "base_momentum", "momentum", "warmup", "warmup_lr",
+                 "warmup_iters", "warmup_error")
 # a window's mean training loss this many times the first iteration's is worth a warning
 LOSS_GROWTH = 10.0
 # what a checkpoint's `extra` must hold to resume a run exactly
@@ -246,11 +305,8 @@ class Run:
         else:
             self.mean = per_pixel_mean(train_x).astype(np.float32)
         self.optimizer = optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
-        self.scheduler = optim.MultiStepLR(self.optimizer, list(cfg.milestones), gamma=cfg.lr_gamma)
-        if cfg.warmup if cfg.warmup is not None else cfg.depth >= 110:
-            self.scheduler = optim.WarmupLR(self.optimizer, self.scheduler, warmup_lr=cfg.warmup_lr,
-                                            until_iter=cfg.warmup_iters, until_error=cfg.warmup_error)
+                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
         self.loader = DataLoader(train_x, train_y, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                  augment=cfg.augment, mean=self.mean, seed=cfg.seed, prefetch=cfg.prefetch)
         if resuming:
@@ -293,20 +349,28 @@ class Run:
         self._apply_changed_config(extra["config"])
 
     def _apply_changed_config(self, saved: dict[str, Any]) -> None:
-        """Give the restored optimizer and schedule this config's hyperparameters, and record them in config.json.
+        """Give the restored optimizer and schedule this config's settings, and record them in config.json.
 
-        Restoring set them as they were saved; a config given on resume may change the learning
-        rate, its milestones, momentum, weight decay and the length of the run from here on.
+        Restoring set them as they were saved; a config given on resume may change the schedule
+        (its kind, lr, milestones, length, ...), momentum and weight decay from here on. A changed
+        schedule is built anew and stepped to this iteration, as if the run had used it from the
+        start; an unchanged one is left exactly as it was restored.
         """
-        cfg = self.cfg
+        cfg, now = self.cfg, self.cfg.to_dict()
         group = self.optimizer.param_groups[0]
         group["momentum"], group["weight_decay"] = float(cfg.momentum), float(cfg.weight_decay)
-        steps = self.scheduler.scheduler if isinstance(self.scheduler, optim.WarmupLR) else self.scheduler
-        if isinstance(steps, optim.MultiStepLR):
-            steps.base_lr, steps.milestones, steps.gamma = float(cfg.lr), sorted(cfg.milestones), float(cfg.lr_gamma)
-            steps._set_lr(steps.get_lr())  # the same formula as every step: unchanged settings give the same lr
-        self.scheduler._set_lr(self.scheduler.get_lr())
-        now = cfg.to_dict()
+        group["nesterov"] = bool(cfg.nesterov)
+        if any(saved.get(k) != now[k] for k in SCHEDULE_KEYS):
+            restored = self.scheduler
+            self.optimizer.initial_lr, self.optimizer.lr = None, float(cfg.lr)  # as a fresh optimizer has them
+            self.scheduler = make_scheduler(self.optimizer, cfg)
+            for _ in range(min(self.it, cfg.iters)):
+                self.scheduler.step()
+            if isinstance(self.scheduler, optim.WarmupLR):  # the warm-up ends on the training error it saw
+                self.scheduler.warming_up = bool(getattr(restored, "warming_up", False))
+                self.scheduler._set_lr(self.scheduler.get_lr())
+        else:  # set the lr again, and the momentum a onecycle schedule cycles: exactly as restored
+            self.scheduler._set_lr(self.scheduler.last_lr)
         changed = [k for k in now if k not in ("resume", "progress") and saved.get(k) != now[k]]
         if changed:
             self.say("changed on resume: " + ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed))
@@ -451,11 +515,18 @@ class Run:
         row = {"iter": self.it, "lr": self.lr_used, "train_loss": train_loss, "train_err": train_err,
                "test_loss": test_loss, "test_err": test_err, "split": self.split,
                "elapsed": round(self.elapsed(), 3)}
+        history = read_jsonl(self.dir.metrics)  # the evaluations before this one, across resumes
+        crossed = [e for e in error_targets(self.cfg) if test_err < e and first_below(history, e) is None]
+        if crossed:
+            row["first_below"] = crossed  # time to accuracy: the first evaluation under each target error
         self.dir.append(self.dir.metrics, row)
         s = self.split
         self.progress.log(f"[{self.name}] iter {self.it}: lr {self.lr_used:.4g}  train loss {train_loss:.4f}  "
                           f"train err {100 * train_err:.2f}%  {s} loss {test_loss:.4f}  {s} err {100 * test_err:.2f}%"
                           f"  ({hms(row['elapsed'])} elapsed)")
+        for e in crossed:
+            self.progress.log(f"[{self.name}] {s} error below {100 * e:.2f}% for the first time: iteration {self.it:,}, "
+                              f"{hms(row['elapsed'])} into the run")
         self.eval_window = Window()
         self.progress.pause()
         return True
