@@ -9,14 +9,19 @@ from .threads import parallel_for, scratch, sum_in_order
 
 # ---- im2col / col2im ---------------------------------------------------------------------
 
+def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """The output length, along one axis, of a convolution or pooling: how many windows of `kernel`
+    values, `stride` apart, fit in `size` values padded by `padding` on each side."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
 def windows(xpad, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int):
-    """The (n, oh, ow, kh, kw, C) sliding windows of a padded NHWC array, as a read-only view."""
+    """The (n, oh, ow, kh, kw, C) sliding windows of a padded NHWC array, as a view (read-only on NumPy)."""
     xp = get_array_module(xpad)
     s0, s1, s2, s3 = xpad.strides
     shape, strides = (xpad.shape[0], oh, ow, kh, kw, xpad.shape[3]), (s0, s1 * sh, s2 * sw, s1, s2, s3)
-    if xp is np:
-        return np.lib.stride_tricks.as_strided(xpad, shape, strides, writeable=False)
-    return xp.lib.stride_tricks.as_strided(xpad, shape, strides)
+    read_only = {"writeable": False} if xp is np else {}  # CuPy's as_strided has no such flag
+    return xp.lib.stride_tricks.as_strided(xpad, shape, strides, **read_only)
 
 
 def col2im(dcol, out, sh: int, sw: int) -> None:
@@ -42,8 +47,7 @@ class ConvGeometry:
         self.n, self.h, self.w, self.c = x_nhwc.shape
         self.kh, self.kw = kh, kw
         (self.sh, self.sw), (self.ph, self.pw) = stride, padding
-        self.oh = (self.h + 2 * self.ph - kh) // self.sh + 1
-        self.ow = (self.w + 2 * self.pw - kw) // self.sw + 1
+        self.oh, self.ow = output_size(self.h, kh, self.sh, self.ph), output_size(self.w, kw, self.sw, self.pw)
         self.pixels = self.oh * self.ow  # output rows per image
         self.k = kh * kw * self.c  # columns per row
         xp = get_array_module(x_nhwc)
@@ -168,7 +172,7 @@ def _conv2d_grad_input_col2im(gy, x, W, stride, padding):
 
     def work(lo, hi, part):
         dcols = scratch(xp, "cols", (g.chunk * g.pixels, g.k), x.dtype)
-        gpad = scratch(xp, "gpad", (g.chunk, g.h + 2 * g.ph + g.sh, g.w + 2 * g.pw + g.sw, c), x.dtype)
+        gpad = scratch(xp, "gpad", (g.chunk, g.h + 2 * g.ph, g.w + 2 * g.pw, c), x.dtype)
         for n0 in range(lo, hi, g.chunk):
             m = min(g.chunk, hi - n0)
             d = dcols[:m * g.pixels]

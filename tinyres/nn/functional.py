@@ -190,35 +190,39 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 # ---- pooling -----------------------------------------------------------------------------
 
 class Pool2d(Function):
-    """Max or average over kernel-sized windows, on the channels-last view."""
+    """y[n, c, i, j] = max or mean over p < KH, q < KW of x[n, c, s*i + p - pad, s*j + q - pad]
+
+    Worked on the channels-last view, whose (N, OH, OW, KH*KW, C) windows are one strided view.
+    Max: the first maximum of a window takes its gradient (PyTorch's rule for max pooling;
+    `amax`, a reduction, splits a tie's gradient as `torch.amax` does)."""
 
     def __init__(self, mode: str, kernel_size, stride, padding):
-        self.mode, self.k, self.s, self.p = mode, kernel_size, stride, padding
+        self.mode, self.kernel_size, self.stride, self.padding = mode, kernel_size, stride, padding
 
     def forward(self, x):
-        (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         n, c, h, w = x.shape
-        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        oh, ow = kernels.output_size(h, kh, sh, ph), kernels.output_size(w, kw, sw, pw)
         xpad = self.xp.full((n, h + 2 * ph, w + 2 * pw, c), -np.inf if self.mode == "max" else 0, dtype=x.dtype)
         xpad[:, ph:ph + h, pw:pw + w] = x.transpose(0, 2, 3, 1)
         self.shape, self.out = x.shape, (oh, ow)
         win = kernels.windows(xpad, kh, kw, sh, sw, oh, ow).reshape(n, oh, ow, kh * kw, c)
         if self.mode == "avg":
             return win.mean(axis=3).transpose(0, 3, 1, 2)
-        self.argmax = win.argmax(axis=3)[:, :, :, None, :]  # the first maximum takes the gradient
+        self.argmax = win.argmax(axis=3)[:, :, :, None, :]  # (N, OH, OW, 1, C): where in its window each max is
         return self.xp.take_along_axis(win, self.argmax, axis=3)[:, :, :, 0, :].transpose(0, 3, 1, 2)
 
     def backward(self, gy):
-        # max: gy goes to the argmax of each window; avg: gy / (kh * kw) to every element of it
-        xp, (kh, kw), (sh, sw), (ph, pw) = self.xp, self.k, self.s, self.p
+        # max: gy to the argmax of each window; avg: gy / (kh * kw) to every element of it
+        xp, (kh, kw), (sh, sw), (ph, pw) = self.xp, self.kernel_size, self.stride, self.padding
         (n, c, h, w), (oh, ow) = self.shape, self.out
         g = gy.transpose(0, 2, 3, 1)[:, :, :, None, :]
-        if self.mode == "max":
+        if self.mode == "max":  # window position q gets gy where q is the argmax: a one-hot mask along axis 3
             gwin = (xp.arange(kh * kw).reshape(1, 1, 1, -1, 1) == self.argmax) * g
         else:
             gwin = xp.broadcast_to(g / gy.dtype.type(kh * kw), (n, oh, ow, kh * kw, c))
-        gpad = xp.zeros((n, h + 2 * ph + sh, w + 2 * pw + sw, c), dtype=gy.dtype)
-        kernels.col2im(gwin.reshape(n, oh, ow, kh, kw, c), gpad, sh, sw)
+        gpad = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=gy.dtype)
+        kernels.col2im(gwin.reshape(n, oh, ow, kh, kw, c), gpad, sh, sw)  # overlapping windows add up
         return gpad[:, ph:ph + h, pw:pw + w].transpose(0, 3, 1, 2)
 
 
