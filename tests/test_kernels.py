@@ -171,20 +171,31 @@ def test_a_gradient_broadcast_from_a_reduction_does_not_spread_c_order(threads):
 
 def test_parallel_for_covers_the_range_in_order_and_waits_for_every_part(threads):
     threads(3)
-    assert kernels.parallel_for(lambda lo, hi, part: (lo, hi, part), 10) == [(0, 3, 0), (3, 6, 1), (6, 10, 2)]
-    assert kernels.parallel_for(lambda lo, hi, part: (lo, hi), 2) == [(0, 1), (1, 2)]  # fewer items than threads
+    assert kernels.parallel_for(lambda lo, hi: (lo, hi), 10) == [(0, 3), (3, 6), (6, 10)]
+    assert kernels.parallel_for(lambda lo, hi: (lo, hi), 2) == [(0, 1), (1, 2)]  # fewer items than threads
     # a nested call runs serially inside its part instead of waiting on a busy pool
-    nested = kernels.parallel_for(lambda lo, hi, part: kernels.parallel_for(lambda a, b, p: (a, b), hi - lo), 6)
+    nested = kernels.parallel_for(lambda lo, hi: kernels.parallel_for(lambda a, b: (a, b), hi - lo), 6)
     assert nested == [[(0, 2)], [(0, 2)], [(0, 2)]]
     done = []
 
-    def fail_first(lo, hi, part):
-        if part == 0:
-            raise RuntimeError("part 0 failed")
-        done.append(part)
-    with pytest.raises(RuntimeError, match="part 0 failed"):
+    def fail_first(lo, hi):
+        if lo == 0:
+            raise RuntimeError("the first part failed")
+        done.append(lo)
+    with pytest.raises(RuntimeError, match="the first part failed"):
         kernels.parallel_for(fail_first, 9)
-    assert sorted(done) == [1, 2]
+    assert sorted(done) == [3, 6]
+
+
+def test_set_num_threads_drops_the_scratch_buffers_of_the_threads_it_ends(threads):
+    threads(2)
+    x, W = np.ones((4, 3, 8, 8), np.float32), np.ones((5, 3, 3, 3), np.float32)
+    kernels.conv2d_forward(x, W, (1, 1), (1, 1))
+    assert len({thread for thread, *_ in kernels.threads._scratch}) >= 1
+    threads(3)
+    assert not kernels.threads._scratch
+    kernels.conv2d_forward(x, W, (1, 1), (1, 1))  # and makes them again on demand
+    assert kernels.threads._scratch
 
 
 def test_set_num_threads_checks_its_argument(threads):
