@@ -138,17 +138,17 @@ def free_scratch() -> None:
 _BLOCK_BYTES = 1 << 20  # 1 MB per array: large enough that the per-block calls cost little
 
 
-def blockwise(fn: Callable, *arrays) -> list[Any]:
-    """fn(*blocks) over blocks of rows (axis 0) of `arrays`, each about _BLOCK_BYTES, spread over
-    the threads; the results in block order. On CuPy, one call on the whole arrays."""
+def blockwise(fn: Callable, *arrays, rows_multiple: int = 1) -> list[Any]:
+    """fn(*blocks) over blocks of rows (axis 0) of `arrays`, each about _BLOCK_BYTES and a whole
+    multiple of `rows_multiple` rows (but the last), spread over the threads; the results in block
+    order. On CuPy, one call on the whole arrays."""
     xp = get_array_module(arrays[0])
     if xp is not np:
         return [fn(*arrays)]
     a = arrays[0]
     row_bytes = a.itemsize * (a.size // max(len(a), 1))
     size = max(1, _BLOCK_BYTES // max(row_bytes, 1))
-    if a.ndim == 2:  # whole groups of wide rows (see _wide), so each block widens alike
-        size = max(512, size - size % 512)
+    size = max(rows_multiple, size - size % rows_multiple)
     starts = range(0, len(a), size)
 
     def work(lo, hi):

@@ -1,9 +1,11 @@
 """The ops of a convolutional network, as `torch.nn.functional` names them.
 
-Each op is a `Function` whose forward and backward state the math; the array machinery
-beneath (im2col in chunks, the channels-last layout, threads over the batch) is in
-`tinyres.kernels`. Image tensors are NCHW, as in PyTorch. The names are Chainer's:
-x, W, b the inputs, y the output, gy = dL/dy, and gx, gW, gb the gradients.
+conv2d, batch_norm, max/avg pooling, linear and cross_entropy are each a `Function` here whose
+forward and backward state the math; the global poolings are means, and relu, softmax, flatten,
+cat, ... are re-exported from `tinyres.ops`. The array work beneath (im2col in chunks, the
+channels-last layout, threads over the batch) is in `tinyres.kernels`. Image tensors are NCHW,
+as in PyTorch. The names are Chainer's: x, W, b the inputs, y the output, gy = dL/dy, and gx,
+gW, gb the gradients.
 """
 
 from __future__ import annotations
