@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from reference import conv2d_reference
 
 import tinyres
 from tinyres import kernels
@@ -27,20 +28,6 @@ def threads():
 
 def channels_last(a):
     return a.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)
-
-
-def conv_reference(x, W, stride, pad):
-    """Direct loops over the kernel offsets, in float64."""
-    n, _, h, w = x.shape
-    oc, _, kh, kw = W.shape
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    oh, ow = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
-    y = np.zeros((n, oc, oh, ow))
-    for p in range(kh):
-        for q in range(kw):
-            patch = xp[:, :, p:p + stride * (oh - 1) + 1:stride, q:q + stride * (ow - 1) + 1:stride]
-            y += np.einsum("nchw,oc->nohw", patch, W[:, :, p, q].astype(np.float64))
-    return y
 
 
 def conv_step(x, W, gamma, beta, stride):
@@ -90,7 +77,7 @@ def test_chunked_threaded_convolution_matches_direct_loops(threads, stride, pad,
     threads(2)
     x, W = make_inputs(n=7, hw=9)[:2]
     y = kernels.conv2d_forward(x, W, (stride, stride), (pad, pad))
-    np.testing.assert_allclose(y, conv_reference(x, W, stride, pad), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, conv2d_reference(x, W, None, (stride, stride), (pad, pad)), rtol=1e-4, atol=1e-4)
     assert y.transpose(0, 2, 3, 1).flags.c_contiguous  # an NCHW view of channels-last memory
 
 
