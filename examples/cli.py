@@ -105,6 +105,12 @@ def check_config(config: TrainConfig) -> None:
     if not config.lr > 0 or config.weight_decay < 0 or not 0 <= config.momentum < 1:
         raise UsageError(f"need --lr > 0, --weight-decay >= 0 and 0 <= --momentum < 1; got {config.lr}, "
                          f"{config.weight_decay} and {config.momentum}")
+    if config.lr_schedule == "onecycle" and not 0 <= config.base_momentum <= config.momentum:
+        raise UsageError(f"--base-momentum {config.base_momentum}: need 0 <= --base-momentum <= --momentum "
+                         f"({config.momentum}), the lowest and highest momentum of the cycle")
+    if not 0 <= config.pct_start < 1 or not config.div_factor >= 1 or not config.final_div_factor >= 1:
+        raise UsageError(f"need 0 <= --pct-start < 1, --div-factor >= 1 and --final-div-factor >= 1; got "
+                         f"{config.pct_start}, {config.div_factor} and {config.final_div_factor}")
     if config.device == "cuda" and not cuda_available():
         raise UsageError("--device cuda: CuPy with a usable GPU is not available (pip install -e '.[cuda]', "
                          "or --device cpu)")

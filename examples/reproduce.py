@@ -29,19 +29,20 @@ import cli
 
 from tinyres.atomic import write_text
 from tinyres.data import CIFAR10
+from tinyres.run import PAPER_TEST_ERROR
 from tinyres.train import (
+    SCHEDULES,
     TrainConfig,
     build_model,
     count_parameters,
     default_eval_every,
+    first_below,
     model_name,
-    paper_schedule,
     read_metrics,
+    schedule_preset,
     train,
 )
 
-# Table 6 of the paper: CIFAR-10 test error (%) of the ResNets with option-A shortcuts
-PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
 DEFAULT_NETS = ("plain-20", "plain-56", "resnet-20", "resnet-56")
 
 
@@ -82,13 +83,16 @@ def _hms(seconds: float) -> str:
 
 def results_table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of results: one row per net, the paper's Table 6 value beside ours."""
-    lines = ["| net | params | iterations | training error (%) | test error (%) | paper (Table 6) (%) | wall time |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    header = ("| net | params | iterations | training error (%) | test error (%) | paper (Table 6) (%) "
+              "| first below 10 % (iteration, time) | wall time |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         paper = PAPER_TEST_ERROR.get(r["depth"]) if not r["plain"] and r["shortcut"] == "A" else None
+        below = first_below(r["history"], 0.10)
+        reached = "—" if below is None else f"{below['iter']:,} ({_hms(below['elapsed'])})"
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['iterations']:,} | {100 * r['train_err']:.2f} | "
-                     f"{100 * r['test_err']:.2f} | {'—' if paper is None else f'{paper:.2f}'} | "
-                     f"{_hms(r['elapsed'])} |")
+                     f"{100 * r['test_err']:.2f} | {'—' if paper is None else f'{100 * paper:.2f}'} | "
+                     f"{reached} | {_hms(r['elapsed'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -115,8 +119,10 @@ def train_all(configs: list[TrainConfig], data: CIFAR10) -> list[dict[str, Any]]
     rows = []
     for config in configs:
         name = model_name(config.depth, config.plain, config.shortcut)
-        print(f"== {name}: {config.iters:,} iterations, lr /10 at {', '.join(map(str, config.milestones))} -> "
-              f"{config.out}", file=sys.stderr)
+        shape = (f"one cycle of the lr up to {config.lr:g}" if config.lr_schedule == "onecycle"
+                 else f"lr /10 at {', '.join(map(str, config.milestones))}" if config.lr_schedule == "multistep"
+                 else f"{config.lr_schedule} lr from {config.lr:g}")
+        print(f"== {name}: {config.iters:,} iterations, {shape} -> {config.out}", file=sys.stderr)
         try:
             result = train(config, data=data)
         except KeyboardInterrupt as e:  # the run saved a checkpoint: running this again resumes it
@@ -133,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(__doc__)
     p.add_argument("--nets", nargs="+", type=parse_net, default=[parse_net(n) for n in DEFAULT_NETS],
                    metavar="NET", help=f"nets to train (default: {' '.join(DEFAULT_NETS)})")
-    p.add_argument("--schedule", choices=["paper", "short"], default="short",
-                   help="paper: 64k iterations (lr /10 at 32k, 48k); short: 2k (/10 at 1.5k, 1.9k)")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default="short",
+                   help="paper: 64k iterations (lr /10 at 32k, 48k); short: 2k (/10 at 1.5k, 1.9k); fast: 15k, one "
+                        "cycle of the lr (see train_cifar.py --help)")
     p.add_argument("--iters", type=int, default=None,
                    help="total iterations; the schedule's lr milestones scale with it (the paper's: to 50%% and "
                         "75%% of the run)")
@@ -160,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     for depth, plain, shortcut in args.nets:
         cli.check_depth(depth, f"--nets {model_name(depth, plain, shortcut)}")
     cli.require("matplotlib", "plot", "drawing fig6.png")
-    iters, milestones = paper_schedule(args.schedule)
+    preset = schedule_preset(args.schedule)
+    iters, milestones = preset.pop("iters"), tuple(preset.pop("milestones"))
     if args.iters is not None:
         iters, milestones = args.iters, cli.scaled_schedule(iters, milestones, args.iters)
     eval_every = args.eval_every if args.eval_every is not None else default_eval_every(iters)
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                  "shortcut": shortcut} for depth, plain, shortcut, run_dir in runs]
     else:
         configs = [TrainConfig(depth=depth, plain=plain, shortcut=shortcut, iters=iters, milestones=milestones,
-                               batch_size=args.batch_size, val_split=args.val_split, device=args.device,
+                               **preset, batch_size=args.batch_size, val_split=args.val_split, device=args.device,
                                seed=args.seed, out=str(run_dir), resume=True, eval_every=eval_every,
                                progress=not args.quiet)
                    for depth, plain, shortcut, run_dir in runs]

@@ -1,13 +1,17 @@
 """Train the same CIFAR ResNet in PyTorch on the very batches tinyres's trainer sees, for comparison.
 
     python examples/torch_reference.py --depth 56 --iters 500 --data ../shared/data/cifar10-jpeg.tar.gz
+    python examples/torch_reference.py --schedule fast --data ../shared/data/cifar10-jpeg.tar.gz
 
 The network is `benchmarks/train_step.py`'s PyTorch twin of tinyres's (option-A shortcuts,
 He-initialized convolutions); the data are tinyres's: the same per-pixel mean, the same shuffle
-and pad-crop-flip augmentation for a given seed (`tinyres.data.DataLoader`), batch 128, SGD with
-momentum 0.9 and weight decay 1e-4. Prints the training error averaged over each window of
-iterations and the test error at its end, like `train_cifar.py`'s log. PyTorch is not a
-dependency of tinyres: install it yourself to run this.
+and pad-crop-flip augmentation for a given seed (`tinyres.data.DataLoader`), batch 128. The
+recipe is `train_cifar.py`'s for the same --schedule (the paper's: SGD with momentum 0.9,
+weight decay 1e-4, lr 0.1 /10 at the milestones; fast: PyTorch's own OneCycleLR with the same
+arguments), with PyTorch's SGD and schedulers. Prints the training error averaged over each
+window of iterations and the test error at its end, like `train_cifar.py`'s log, and when the
+test error first fell below 10%. PyTorch is not a dependency of tinyres: install it yourself
+to run this.
 """
 
 from __future__ import annotations
@@ -24,23 +28,65 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # f
 import cli
 
 from tinyres.data import DataLoader, per_pixel_mean, to_float
+from tinyres.run import TrainConfig, split_data
+from tinyres.train import SCHEDULES, schedule_preset
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: train PyTorch's twin on tinyres's batches, print the errors per window."""
+def recipe(args) -> TrainConfig:
+    """The recipe train_cifar.py trains with for the same --schedule, --iters, --milestones and --lr."""
+    preset = schedule_preset(args.schedule) if args.schedule else {"iters": 500, "milestones": ()}
+    iters, milestones = preset.pop("iters"), tuple(preset.pop("milestones"))
+    if args.iters is not None:
+        iters, milestones = args.iters, cli.scaled_schedule(iters, milestones, args.iters)
+    if args.milestones is not None:
+        milestones = tuple(args.milestones)
+    if args.lr is not None:
+        preset["lr"] = args.lr
+    return TrainConfig(depth=args.depth, iters=iters, milestones=milestones, val_split=args.val_split, **preset)
+
+
+def torch_scheduler(torch, opt, cfg: TrainConfig):
+    """PyTorch's own scheduler for the recipe: the same class and arguments as `tinyres.run.make_scheduler`."""
+    lr_scheduler = torch.optim.lr_scheduler
+    if cfg.lr_schedule == "onecycle":
+        return lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iters, pct_start=cfg.pct_start,
+                                       anneal_strategy=cfg.anneal_strategy, cycle_momentum=cfg.cycle_momentum,
+                                       base_momentum=cfg.base_momentum, max_momentum=cfg.momentum,
+                                       div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
+    if cfg.lr_schedule == "cosine":
+        rise = round(cfg.pct_start * cfg.iters)
+        cosine = lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters - rise)
+        if rise == 0:
+            return cosine
+        return lr_scheduler.SequentialLR(opt, [lr_scheduler.LinearLR(opt, 1 / cfg.div_factor, total_iters=rise),
+                                               cosine], milestones=[rise])
+    return lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=cfg.lr_gamma)
+
+
+def build_parser() -> cli.ArgumentParser:
+    """The command line: the net, the recipe, the data."""
     p = cli.ArgumentParser(__doc__)
     p.add_argument("--depth", type=int, default=20, help="6n+2: 20, 32, 44, 56, 110")
-    p.add_argument("--iters", type=int, default=500)
-    p.add_argument("--milestones", type=int, nargs="*", default=[], help="iterations where lr is divided by 10")
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
+                   help="train_cifar.py's recipe of that name (default: 500 iterations at lr 0.1, no milestones)")
+    p.add_argument("--iters", type=int, default=None, help="total iterations (overrides --schedule)")
+    p.add_argument("--milestones", type=int, nargs="*", default=None, help="iterations where lr is divided by 10")
+    p.add_argument("--lr", type=float, default=None, help="learning rate; onecycle: its peak")
+    p.add_argument("--val-split", action="store_true", help="train on 45k images, evaluate on the 5k held out")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--window", type=int, default=250, help="iterations per reported window")
     p.add_argument("--data", default=None, help="CIFAR-10 archive (default: $TINYRES_DATA, else download)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: train PyTorch's twin on tinyres's batches, print the errors per window."""
+    args = build_parser().parse_args(argv)
+    cfg = recipe(args)
     cli.check_depth(args.depth)
-    cli.check_at_least(1, iters=args.iters, batch_size=args.batch_size, window=args.window, threads=args.threads)
+    cli.check_at_least(1, iters=cfg.iters, batch_size=args.batch_size, window=args.window, threads=args.threads)
     cli.check_at_least(0, seed=args.seed)
     try:
         import torch
@@ -53,27 +99,31 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = cli.load_data(args.data)
-    mean = per_pixel_mean(data.train_images).astype(np.float32)
-    loader = DataLoader(data.train_images, data.train_labels, batch_size=args.batch_size, shuffle=True, drop_last=True,
+    train_x, train_y, eval_x, eval_y, split = split_data(data, cfg)
+    mean = per_pixel_mean(train_x).astype(np.float32)
+    loader = DataLoader(train_x, train_y, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         augment=True, mean=mean, seed=args.seed)
     net = _torch_resnet(args.depth).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=cfg.nesterov)
+    sched = torch_scheduler(torch, opt, cfg)
 
     def test_error() -> float:
         net.eval()
         wrong = 0
         with torch.no_grad():
-            for i in range(0, len(data.test_images), 1000):
-                x = torch.from_numpy(to_float(data.test_images[i:i + 1000], mean))
-                y = torch.from_numpy(data.test_labels[i:i + 1000].astype(np.int64))
+            for i in range(0, len(eval_x), 1000):
+                x = torch.from_numpy(to_float(eval_x[i:i + 1000], mean))
+                y = torch.from_numpy(eval_y[i:i + 1000].astype(np.int64))
                 wrong += int((net(x.contiguous(memory_format=torch.channels_last)).argmax(1) != y).sum())
         net.train()
-        return wrong / len(data.test_images)
+        return wrong / len(eval_x)
 
-    print(f"PyTorch {torch.__version__}, ResNet-{args.depth}, {args.iters:,} iterations, lr {args.lr} "
-          f"(/10 at {args.milestones or 'never'}), seed {args.seed}")
-    errs, start = [], time.perf_counter()
+    print(f"PyTorch {torch.__version__}, ResNet-{args.depth}, {cfg.iters:,} iterations, {cfg.lr_schedule} lr {cfg.lr} "
+          f"(milestones {list(cfg.milestones) or 'none'}), momentum {cfg.momentum}, nesterov {cfg.nesterov}, "
+          f"weight decay {cfg.weight_decay}, seed {args.seed}, {len(train_x):,} training images, {split} error "
+          f"on {len(eval_x):,}")
+    errs, start, below_10 = [], time.perf_counter(), False
     for it, (x, y) in enumerate(loader.stream(), 1):
         out = net(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
         y = torch.from_numpy(y)
@@ -83,11 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         sched.step()
         errs.append(float((out.argmax(1) != y).float().mean()))
-        if it % args.window == 0 or it == args.iters:
+        if it % args.window == 0 or it == cfg.iters:
             n = (it - 1) % args.window + 1
+            err, seconds = test_error(), time.perf_counter() - start
             print(f"iter {it:6d}  train error {100 * np.mean(errs[-n:]):6.2f} % (iterations {it - n + 1}-{it})  "
-                  f"test error {100 * test_error():6.2f} %  {time.perf_counter() - start:7.0f} s", flush=True)
-        if it >= args.iters:
+                  f"{split} error {100 * err:6.2f} %  {seconds:7.0f} s", flush=True)
+            if err < 0.10 and not below_10:
+                below_10 = True
+                print(f"{split} error below 10% for the first time: iteration {it:,}, {seconds:.0f} s", flush=True)
+        if it >= cfg.iters:
             return 0
     return 0
 

@@ -19,7 +19,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import cli
 
-from tinyres.train import DivergenceError, TrainConfig, default_eval_every, load_run_config, paper_schedule, train
+from tinyres.progress import hms
+from tinyres.run import LR_SCHEDULES
+from tinyres.train import (
+    SCHEDULES,
+    DivergenceError,
+    TrainConfig,
+    default_eval_every,
+    error_targets,
+    first_below,
+    load_run_config,
+    schedule_preset,
+    train,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,16 +43,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shortcut", choices=["A", "B", "C"], default=d.shortcut, type=str.upper,
                    help="A: identity, zero-padded where shapes change; B: projections there; C: all projections "
                         "(%(default)s)")
-    p.add_argument("--schedule", choices=["paper", "short"], default="paper",
-                   help="paper: 64k iterations, lr /10 at 32k and 48k; short: 2k, /10 at 1.5k and 1.9k (%(default)s)")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default="paper",
+                   help="paper: 64k iterations, lr /10 at 32k and 48k; short: 2k, /10 at 1.5k and 1.9k; fast: 15k, "
+                        "one cycle of the lr up to 0.4 and down, Nesterov, weight decay 5e-4 (%(default)s); "
+                        "flags below override a schedule's settings")
     p.add_argument("--iters", type=int, default=None,
                    help="total iterations (overrides --schedule); the schedule's lr milestones scale with it, "
                         "e.g. the paper's to 50%% and 75%% of the run, unless --milestones is given")
     p.add_argument("--milestones", type=int, nargs="*", default=None,
                    help="iterations at which the lr is divided by 10, at most --iters (overrides --schedule)")
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (%(default)s)")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (%(default)s)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay (%(default)s)")
+    p.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=None,
+                   help="multistep: /10 at each milestone; onecycle: PyTorch's OneCycleLR peaking at --lr; cosine: a "
+                        "linear rise over --pct-start of the run, then half a cosine to 0 (default: the schedule's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate; onecycle: its peak (paper: 0.1)")
+    p.add_argument("--momentum", type=float, default=None,
+                   help="SGD momentum; onecycle: the highest of its cycle (paper: 0.9)")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum")
+    p.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay (paper: 1e-4)")
+    p.add_argument("--pct-start", type=float, default=None, help="onecycle, cosine: the part of the run the lr rises")
+    p.add_argument("--anneal-strategy", choices=["cos", "linear"], default=None, help="onecycle: the curve's shape")
+    p.add_argument("--div-factor", type=float, default=None,
+                   help=f"onecycle, cosine: the lr starts at --lr / this ({d.div_factor:g})")
+    p.add_argument("--final-div-factor", type=float, default=None,
+                   help=f"onecycle: the lr ends at --lr / --div-factor / this ({d.final_div_factor:g})")
+    p.add_argument("--base-momentum", type=float, default=None,
+                   help=f"onecycle: the lowest momentum of its cycle ({d.base_momentum})")
+    p.add_argument("--cycle-momentum", action=argparse.BooleanOptionalAction, default=None,
+                   help="onecycle: cycle the momentum against the lr (on)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per iteration (%(default)s)")
     p.add_argument("--warmup", choices=["auto", "on", "off"], default="auto",
                    help="lr 0.01 until the training error is below 80%% (auto: for depth >= 110)")
@@ -63,15 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# flags that override a field of the --schedule preset when given (None: not given)
+PRESET_FLAGS = ("lr_schedule", "lr", "momentum", "nesterov", "weight_decay", "pct_start", "anneal_strategy",
+                "div_factor", "final_div_factor", "base_momentum", "cycle_momentum")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig that the parsed flags describe (--iters/--milestones override --schedule)."""
-    iters, milestones = paper_schedule(args.schedule)
+    """The TrainConfig that the parsed flags describe (--iters, --milestones and the lr flags override --schedule)."""
+    preset = schedule_preset(args.schedule)
+    iters, milestones = preset.pop("iters"), tuple(preset.pop("milestones"))
     if args.iters is not None:
         iters, milestones = args.iters, cli.scaled_schedule(iters, milestones, args.iters)
     milestones = tuple(args.milestones) if args.milestones is not None else milestones
+    preset.update({f: getattr(args, f) for f in PRESET_FLAGS if getattr(args, f) is not None})
     return TrainConfig(
         depth=args.depth, plain=args.plain, shortcut=args.shortcut, iters=iters, milestones=milestones,
-        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        **preset, batch_size=args.batch_size,
         warmup={"auto": None, "on": True, "off": False}[args.warmup], augment=not args.no_augment,
         val_split=args.val_split, device=args.device, data_path=args.data, seed=args.seed, out=args.out,
         resume=args.resume, checkpoint_every=args.checkpoint_every,
@@ -80,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 # the TrainConfig fields that each flag sets, where they differ from the flag's name
-FLAG_FIELDS = {"schedule": ("iters", "milestones"), "no_augment": ("augment",), "data": ("data_path",),
+FLAG_FIELDS = {"schedule": ("iters", "milestones", *PRESET_FLAGS), "no_augment": ("augment",), "data": ("data_path",),
                "quiet": ("progress",)}
 
 
@@ -135,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     if "test_err" in result:
         print(f"{result['name']}: {result['iterations']} iterations, train error {100 * result['train_err']:.2f}%, "
               f"{result['split']} error {100 * result['test_err']:.2f}% (out: {result['out']})")
+        for error in error_targets(config):
+            row = first_below(result["history"], error)
+            if row is not None:
+                print(f"{result['split']} error first below {100 * error:.2f}% at iteration {row['iter']:,}, "
+                      f"{hms(row['elapsed'])} into the run")
     return 0
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from test_train import synthetic_cifar
 
+import tinyres
+import tinyres.run
 from tinyres.checkpoint import load_checkpoint, save_checkpoint
 from tinyres.data import CLASSES
 from tinyres.train import TrainConfig, build_model, train
@@ -163,7 +165,7 @@ def test_reproduce_trains_tabulates_and_plots(tmp_path, image_folder, capsys):
     assert reproduce.main(args) == 0
     table = (out / "results.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    assert "| plain-8 | 0.08M | 2 |" in rows["plain-8"] and rows["plain-8"].rstrip().split("|")[-3].strip() == "—"
+    assert "| plain-8 | 0.08M | 2 |" in rows["plain-8"] and rows["plain-8"].rstrip().split("|")[-4].strip() == "—"
     assert "| 8.75 |" in rows["ResNet-20"] and "| 0.27M | 2 |" in rows["ResNet-20"]
     assert "Command: `python examples/reproduce.py --nets plain-8" in table and "Machine:" in table
     assert (out / "fig6.png").read_bytes()[:8] == PNG_MAGIC
@@ -201,6 +203,26 @@ def test_torch_reference_trains_on_the_same_batches(image_folder, capsys):
         assert 0 <= train_err <= 100 and 0 <= test_err <= 100 and (test_err * 20 / 100).is_integer()  # 20 test images
 
 
+@pytest.mark.parametrize("schedule", [["--schedule", "fast", "--iters", "40"], ["--schedule", "short"],
+                                      ["--schedule", "fast", "--iters", "50", "--lr", "0.3"]])
+def test_torch_reference_steps_pytorchs_scheduler_as_tinyres_steps_its_own(schedule):
+    torch = pytest.importorskip("torch")
+    ref = example("torch_reference")
+    cfg = ref.recipe(ref.build_parser().parse_args(schedule))
+    opt_t = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr, momentum=cfg.momentum,
+                            nesterov=cfg.nesterov)
+    sched_t = ref.torch_scheduler(torch, opt_t, cfg)
+    opt = tinyres.optim.SGD([tinyres.nn.Parameter(tinyres.zeros(1))], lr=cfg.lr, momentum=cfg.momentum,
+                            nesterov=cfg.nesterov)
+    sched = tinyres.run.make_scheduler(opt, cfg)
+    for _ in range(cfg.iters):
+        group = opt_t.param_groups[0]
+        assert (opt.lr, opt.param_groups[0]["momentum"]) == pytest.approx((group["lr"], group["momentum"]), rel=1e-12)
+        opt_t.step()
+        sched_t.step()
+        sched.step()
+
+
 def test_reproduce_net_names():
     reproduce = example("reproduce")
     assert reproduce.parse_net("plain-20") == (20, True, "A")
@@ -225,6 +247,21 @@ def test_train_cifar_schedules_and_flags():
     assert (c.momentum, c.weight_decay, c.warmup, c.eval_every) == (0.9, 1e-4, None, 1000)
     assert train_cifar.config_from_args(parse(["--schedule", "short"])).eval_every == 500
     assert train_cifar.config_from_args(parse(["--schedule", "short", "--eval-every", "7"])).eval_every == 7
+
+
+def test_train_cifar_fast_schedule_and_the_flags_that_override_it():
+    train_cifar = example("train_cifar")
+    parse = train_cifar.build_parser().parse_args
+    c = train_cifar.config_from_args(parse(["--schedule", "fast"]))
+    assert (c.iters, c.lr_schedule, c.milestones, c.lr, c.weight_decay, c.nesterov) == \
+        (15000, "onecycle", (), 0.4, 5e-4, True)
+    assert (c.momentum, c.base_momentum, c.pct_start, c.batch_size, c.augment) == (0.95, 0.85, 0.25, 128, True)
+    c = train_cifar.config_from_args(parse(["--schedule", "fast", "--iters", "5000", "--lr", "0.2", "--no-nesterov",
+                                            "--anneal-strategy", "linear", "--weight-decay", "1e-4"]))
+    assert (c.iters, c.lr, c.nesterov, c.anneal_strategy, c.weight_decay) == (5000, 0.2, False, "linear", 1e-4)
+    c = train_cifar.config_from_args(parse(["--lr-schedule", "cosine", "--pct-start", "0.1"]))
+    assert (c.iters, c.lr_schedule, c.pct_start, c.lr, c.nesterov) == (64000, "cosine", 0.1, 0.1, False)
+
 
 
 def test_train_cifar_resume_takes_the_saved_config(tmp_path):
@@ -303,6 +340,9 @@ def assert_usage_error(done: subprocess.CompletedProcess, *names: str) -> str:
     (["--checkpoint-every", "-1"], "--checkpoint-every"),
     (["--iters", "100", "--milestones", "50", "150"], "--milestones"),
     (["--data", "no-such-archive.tar.gz"], "no-such-archive.tar.gz"),
+    (["--schedule", "fast", "--base-momentum", "0.99"], "--base-momentum"),
+    (["--schedule", "fast", "--pct-start", "1.5"], "--pct-start"),
+    (["--lr-schedule", "onecycle", "--div-factor", "0.5"], "--div-factor"),
 ])
 def test_train_cifar_refuses_bad_flags_and_writes_nothing(tmp_path, flags, named):
     done = run_script("train_cifar", *flags, "--out", tmp_path / "runs" / "r", cwd=tmp_path)

@@ -205,3 +205,106 @@ def test_scheduler_state_dict_is_json_and_resumes():
     assert lrs(sched2, 4) == lrs(sched, 4)
     with pytest.raises(ValueError, match="missing"):
         sched2.load_state_dict({"iteration": 3})
+
+
+# ---- the schedules found after the paper, against values worked out from PyTorch's documented formulas ----
+
+def one_cycle(total_steps: int = 10, max_lr: float = 1.0, **kwargs) -> optim.OneCycleLR:
+    opt = optim.SGD([scalar_param(0.0)], lr=123.0, momentum=0.9)  # the optimizer's lr is not used
+    return optim.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, **kwargs)
+
+
+def momenta(scheduler: optim.LRScheduler, steps: int) -> list[float]:
+    """The momentum in force at iterations 0 .. steps-1."""
+    values = []
+    for _ in range(steps):
+        values.append(scheduler.optimizer.param_groups[0]["momentum"])
+        scheduler.step()
+    return values
+
+
+def test_one_cycle_cosine_rises_to_max_lr_then_falls_to_its_floor():
+    # max_lr 1, 10 steps, 30% up: lr from 1/25 up to 1 at step 2 (0.3 * 10 - 1), then down to 1/25/1e4 at step 9
+    lr_floor = 0.04 / 1e4
+    down = [lr_floor + (1 - lr_floor) / 2 * (1 + np.cos(np.pi * (k - 2) / 7)) for k in range(2, 11)]
+    sched = one_cycle()
+    np.testing.assert_allclose(lrs(sched, 10) + [sched.optimizer.lr], [0.04, 0.52] + down, rtol=1e-12)
+    assert down[0] == pytest.approx(1.0) and down[7] == pytest.approx(4e-6)
+    assert down[8] == pytest.approx(0.0495194, rel=1e-5)  # step 10, one past the floor, as PyTorch allows
+
+
+def test_one_cycle_cycles_momentum_against_the_lr():
+    # momentum 0.95 -> 0.85 while the lr rises, back to 0.95 while it falls; the optimizer's 0.9 is replaced
+    up = [0.95, 0.90, 0.85]
+    down = [0.95 - 0.05 * (1 + np.cos(np.pi * (k - 2) / 7)) for k in range(3, 10)]
+    np.testing.assert_allclose(momenta(one_cycle(), 10), up + down, rtol=1e-12)
+    sched = one_cycle(cycle_momentum=False)
+    assert momenta(sched, 10) == [0.9] * 10
+
+
+def test_one_cycle_linear_and_three_phase():
+    linear = lrs(one_cycle(anneal_strategy="linear"), 10)
+    np.testing.assert_allclose(linear[:4], [0.04, 0.52, 1.0, 1 - (1 - 4e-6) / 7], rtol=1e-12)
+    np.testing.assert_allclose(linear[9], 4e-6, rtol=1e-9)
+    # three phases: up to step 2, back down to the start at step 4 (2 * 0.3 * 10 - 2), then to the floor at step 9
+    three = one_cycle(three_phase=True, div_factor=10.0, final_div_factor=100.0)
+    values, m = lrs(three, 10), momenta(one_cycle(three_phase=True), 10)
+    np.testing.assert_allclose(values[:5], [0.1, 0.55, 1.0, 0.55, 0.1], rtol=1e-12)
+    assert values[9] == pytest.approx(0.001, rel=1e-12)
+    np.testing.assert_allclose(m[:5] + m[9:], [0.95, 0.90, 0.85, 0.90, 0.95, 0.95], rtol=1e-12)
+
+
+def test_one_cycle_refuses_bad_arguments_and_a_step_past_the_end():
+    sched = one_cycle(total_steps=3)
+    for _ in range(3):
+        sched.step()
+    with pytest.raises(ValueError, match="stepped 4 times, but total_steps is 3"):
+        sched.step()
+    for kwargs, message in [({"total_steps": 0}, "total_steps"), ({"pct_start": 1.5}, "pct_start"),
+                            ({"anneal_strategy": "cosine"}, "anneal_strategy")]:
+        with pytest.raises(ValueError, match=message):
+            one_cycle(**kwargs)
+
+
+def test_cosine_annealing_follows_half_a_cosine_down_to_eta_min():
+    opt = optim.SGD([scalar_param(0.0)], lr=0.1)
+    sched = optim.CosineAnnealingLR(opt, T_max=4)
+    np.testing.assert_allclose(lrs(sched, 6), [0.1, 0.0853553390593, 0.05, 0.0146446609407, 0.0, 0.0146446609407],
+                               rtol=1e-10, atol=1e-15)
+    opt = optim.SGD([scalar_param(0.0)], lr=0.1)
+    np.testing.assert_allclose(lrs(optim.CosineAnnealingLR(opt, T_max=2, eta_min=0.01), 3), [0.1, 0.055, 0.01])
+
+
+def test_linear_warmup_then_cosine_in_sequence():
+    opt = optim.SGD([scalar_param(0.0)], lr=0.1)
+    np.testing.assert_allclose(lrs(optim.LinearLR(opt, start_factor=0.25, total_iters=4), 6),
+                               [0.025, 0.04375, 0.0625, 0.08125, 0.1, 0.1])
+    opt = optim.SGD([scalar_param(0.0)], lr=0.1)
+    warmup = optim.LinearLR(opt, start_factor=0.5, total_iters=2)
+    cosine = optim.CosineAnnealingLR(opt, T_max=2)  # starts from 0.1, not from what LinearLR set
+    sched = optim.SequentialLR(opt, [warmup, cosine], milestones=[2])
+    np.testing.assert_allclose(lrs(sched, 5), [0.05, 0.075, 0.1, 0.05, 0.0], atol=1e-15)
+    with pytest.raises(ValueError, match="one milestone fewer"):
+        optim.SequentialLR(opt, [warmup, cosine], milestones=[2, 3])
+
+
+@pytest.mark.parametrize("make", [
+    lambda opt: optim.OneCycleLR(opt, max_lr=0.4, total_steps=20, pct_start=0.25),
+    lambda opt: optim.CosineAnnealingLR(opt, T_max=20, eta_min=0.001),
+    lambda opt: optim.SequentialLR(opt, [optim.LinearLR(opt, 0.1, total_iters=5), optim.CosineAnnealingLR(opt, 15)],
+                                   milestones=[5]),
+], ids=["one-cycle", "cosine", "linear-then-cosine"])
+def test_new_schedules_resume_exactly_from_a_checkpoint(tmp_path, make):
+    model = nn.Linear(3, 2)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    sched = make(opt)
+    lrs(sched, 7)
+    tinyres.save_checkpoint(tmp_path / "c.npz", model, opt, sched)
+    expected_lrs, expected_momenta = lrs(sched, 8), [opt.param_groups[0]["momentum"]]
+
+    model2 = nn.Linear(3, 2)
+    opt2 = optim.SGD(model2.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    sched2 = make(opt2)
+    tinyres.load_checkpoint(tmp_path / "c.npz", model2, opt2, sched2)
+    assert sched2.iteration == 7
+    assert lrs(sched2, 8) == expected_lrs and [opt2.param_groups[0]["momentum"]] == expected_momenta

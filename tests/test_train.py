@@ -208,8 +208,10 @@ def test_run_directory_contents(tmp_path, tiny_data):
 
 # ---- resume ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("options", [{}, {"warmup": True, "warmup_iters": 10, "warmup_error": 0.5}, {"prefetch": 2}],
-                         ids=["multistep", "warmup", "prefetch"])
+@pytest.mark.parametrize("options", [{}, {"warmup": True, "warmup_iters": 10, "warmup_error": 0.5}, {"prefetch": 2},
+                                     {"lr_schedule": "onecycle", "milestones": (), "momentum": 0.95, "nesterov": True},
+                                     {"lr_schedule": "cosine", "milestones": (), "pct_start": 0.25}],
+                         ids=["multistep", "warmup", "prefetch", "onecycle", "cosine"])
 def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, tiny_data, options):
     """Ctrl-C at iteration 7 saves; resuming ends with bitwise the parameters of an unbroken run."""
     options = {"log_every": 3, **options}
@@ -251,6 +253,46 @@ def test_deep_nets_warm_up(tmp_path, tiny_data):
     rows = train(tiny_config(tmp_path / "r8w", iters=4, eval_every=1, warmup=True, warmup_iters=2,
                              warmup_error=0.0), data=tiny_data)["history"]
     assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.01, 0.1, 0.1])
+
+
+def test_one_cycle_run_follows_onecycle_lr_and_cycles_the_momentum(tmp_path, tiny_data):
+    config = tiny_config(tmp_path / "run", lr_schedule="onecycle", milestones=(), lr=0.4, pct_start=0.25,
+                         momentum=0.95, base_momentum=0.85, nesterov=True, weight_decay=5e-4, log_every=1)
+    train(config, data=tiny_data)
+    opt = tinyres.optim.SGD(build_model(8).parameters(), lr=0.4, momentum=0.95, nesterov=True)
+    reference = tinyres.optim.OneCycleLR(opt, max_lr=0.4, total_steps=12, pct_start=0.25)
+    expected_lr, expected_momentum = [], []
+    for _ in range(12):  # the lr and momentum each iteration trained with
+        expected_lr.append(opt.lr)
+        expected_momentum.append(opt.param_groups[0]["momentum"])
+        reference.step()
+    assert [r["lr"] for r in read_train_log(tmp_path / "run")] == pytest.approx(expected_lr, rel=1e-12)
+    assert max(expected_lr) == pytest.approx(0.4) and expected_lr[0] == pytest.approx(0.4 / 25)
+    after_last_step = opt.param_groups[0]["momentum"]  # near the top again (0.947)
+    saved = tinyres.load_checkpoint(tmp_path / "run" / "checkpoint.npz", build_model(8), opt)
+    assert saved["config"]["lr_schedule"] == "onecycle" and opt.param_groups[0]["nesterov"] is True
+    assert opt.param_groups[0]["momentum"] == after_last_step > 0.94
+    assert min(expected_momentum) == pytest.approx(0.85, abs=0.01)
+
+
+def test_the_first_evaluation_below_each_target_error_is_marked_once(tmp_path, tiny_data, monkeypatch):
+    """Time to accuracy: a row says which target errors it is the first to beat, across a resume too."""
+    monkeypatch.setitem(tinyres.run.PAPER_TEST_ERROR, 8, 0.999)  # a target that ResNet-8 beats at once
+    assert tinyres.run.error_targets(tiny_config(tmp_path)) == [0.10, 0.999]
+    assert tinyres.run.error_targets(tiny_config(tmp_path, plain=True)) == [0.10]
+
+    def press_ctrl_c(it: int, loss: float) -> None:
+        if it == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "run", eval_every=2), data=tiny_data, on_iteration=press_ctrl_c)
+    rows = train(tiny_config(tmp_path / "run", eval_every=2, resume=True), data=tiny_data)["history"]
+    marked = [(r["iter"], r["first_below"]) for r in rows if "first_below" in r]
+    assert marked[0] == (2, [0.999]) and len(rows) == 6
+    below_10 = [r["iter"] for r in rows if r["test_err"] < 0.10]
+    assert marked[1:] == ([(below_10[0], [0.10])] if below_10 else [])
+    assert tinyres.train.first_below(rows, 0.999) is rows[0] and tinyres.train.first_below(rows, -1.0) is None
 
 
 def test_resume_refuses_another_network(tmp_path, tiny_data):

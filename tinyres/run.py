@@ -28,7 +28,7 @@ from .data import CIFAR10, DataLoader, load_cifar10, per_pixel_mean, to_float, t
 from .models import count_parameters
 from .nn import functional as F
 from .progress import Progress, hms
-from .rundir import RunDir
+from .rundir import RunDir, read_jsonl
 from .tensor import Tensor, no_grad, tensor
 
 __all__ = ["DivergenceError", "Run", "TrainConfig", "default_eval_every", "evaluate", "train_step"]
@@ -41,10 +41,18 @@ class TrainConfig:
     plain: bool = False             # a plain net (no shortcuts) instead of a ResNet
     shortcut: str = "A"             # A: zero-padding identity, B: projections when shapes change, C: all projections
     iters: int = 64_000
+    lr_schedule: str = "multistep"  # multistep: /lr_gamma at each milestone; onecycle: OneCycleLR up to lr; cosine
     milestones: tuple[int, ...] = (32_000, 48_000)
-    lr: float = 0.1
+    lr: float = 0.1                 # the start (multistep, cosine) or the peak (onecycle)
     lr_gamma: float = 0.1
+    pct_start: float = 0.3          # onecycle, cosine: the part of the run over which the lr rises
+    anneal_strategy: str = "cos"    # onecycle: "cos" or "linear"
+    div_factor: float = 25.0        # onecycle, cosine: the lr starts at lr / div_factor
+    final_div_factor: float = 1e4   # onecycle: the lr ends at lr / div_factor / final_div_factor
+    cycle_momentum: bool = True     # onecycle: momentum from `momentum` down to `base_momentum` and back
+    base_momentum: float = 0.85
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 1e-4
     batch_size: int = 128
     warmup: bool | None = None      # None: warm up when depth >= 110, as the paper did for ResNet-110
@@ -72,6 +80,52 @@ class TrainConfig:
         d = asdict(self)
         d["milestones"] = list(self.milestones)
         return d
+
+
+LR_SCHEDULES = ("multistep", "onecycle", "cosine")
+
+
+def make_scheduler(optimizer: optim.Optimizer, cfg: TrainConfig) -> optim.LRScheduler:
+    """The learning-rate schedule `cfg` names, stepped once per iteration over `cfg.iters` iterations.
+
+    multistep: the paper's, lr divided by `lr_gamma` at each milestone (with the warm-up of deep
+    nets); onecycle: PyTorch's OneCycleLR peaking at `lr`; cosine: a linear rise from
+    lr / div_factor over `pct_start` of the run, then half a cosine down to 0.
+    """
+    if cfg.lr_schedule == "onecycle":
+        return optim.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.iters, pct_start=cfg.pct_start,
+                                anneal_strategy=cfg.anneal_strategy, cycle_momentum=cfg.cycle_momentum,
+                                base_momentum=cfg.base_momentum, max_momentum=cfg.momentum,
+                                div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
+    if cfg.lr_schedule == "cosine":
+        rise = round(cfg.pct_start * cfg.iters)
+        cosine = optim.CosineAnnealingLR(optimizer, T_max=cfg.iters - rise)
+        if rise == 0:
+            return cosine
+        return optim.SequentialLR(optimizer, [optim.LinearLR(optimizer, 1 / cfg.div_factor, total_iters=rise), cosine],
+                                  milestones=[rise])
+    if cfg.lr_schedule != "multistep":
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    scheduler: optim.LRScheduler = optim.MultiStepLR(optimizer, list(cfg.milestones), gamma=cfg.lr_gamma)
+    if cfg.warmup if cfg.warmup is not None else cfg.depth >= 110:
+        scheduler = optim.WarmupLR(optimizer, scheduler, warmup_lr=cfg.warmup_lr, until_iter=cfg.warmup_iters,
+                                   until_error=cfg.warmup_error)
+    return scheduler
+
+
+# Table 6 of the paper: CIFAR-10 test error of the ResNets with option-A shortcuts
+PAPER_TEST_ERROR = {20: 0.0875, 32: 0.0751, 44: 0.0717, 56: 0.0697, 110: 0.0643, 1202: 0.0793}
+
+
+def error_targets(cfg: TrainConfig) -> list[float]:
+    """The test errors whose first crossing a run reports: 10%, and the paper's figure for its net if it has one."""
+    paper = PAPER_TEST_ERROR.get(cfg.depth) if not cfg.plain and cfg.shortcut == "A" else None
+    return [0.10] + ([paper] if paper is not None else [])
+
+
+def first_below(history: list[dict[str, Any]], error: float) -> dict[str, Any] | None:
+    """The first evaluation row of `history` (metrics.jsonl) whose test error is below `error`, or None."""
+    return next((row for row in history if row["test_err"] < error), None)
 
 
 # resuming with a different network would load mismatched weights: these keys must agree
@@ -203,11 +257,9 @@ class Run:
         self.model, self.name = model, name
         self.dir = RunDir(cfg.out)
         self.eval_every = cfg.eval_every or default_eval_every(cfg.iters)
-        self.optimizer = optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.scheduler = optim.MultiStepLR(self.optimizer, list(cfg.milestones), gamma=cfg.lr_gamma)
-        if cfg.warmup if cfg.warmup is not None else cfg.depth >= 110:
-            self.scheduler = optim.WarmupLR(self.optimizer, self.scheduler, warmup_lr=cfg.warmup_lr,
-                                            until_iter=cfg.warmup_iters, until_error=cfg.warmup_error)
+        self.optimizer = optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                   nesterov=cfg.nesterov)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
         # the data, set by prepare()
         self.loader: DataLoader | None = None
         self.mean: np.ndarray | None = None            # the per-pixel mean subtracted from every image
@@ -376,11 +428,18 @@ class Run:
         row = {"iter": self.it, "lr": self.lr_used, "train_loss": train_loss, "train_err": train_err,
                "test_loss": test_loss, "test_err": test_err, "split": self.split,
                "elapsed": round(self.elapsed(), 3)}
+        history = read_jsonl(self.dir.metrics)  # the evaluations before this one, across resumes
+        crossed = [e for e in error_targets(self.cfg) if test_err < e and first_below(history, e) is None]
+        if crossed:
+            row["first_below"] = crossed  # time to accuracy: the first evaluation under each target error
         self.dir.append(self.dir.metrics, row)
         s = self.split
         self.progress.log(f"[{self.name}] iter {self.it}: lr {self.lr_used:.4g}  train loss {train_loss:.4f}  "
                           f"train err {100 * train_err:.2f}%  {s} loss {test_loss:.4f}  {s} err {100 * test_err:.2f}%"
                           f"  ({hms(row['elapsed'])} elapsed)")
+        for e in crossed:
+            self.progress.log(f"[{self.name}] {s} error below {100 * e:.2f}% for the first time: iteration {self.it:,}, "
+                              f"{hms(row['elapsed'])} into the run")
         self.eval_window = Window()
         self.progress.pause()
 

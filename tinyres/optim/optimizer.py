@@ -24,6 +24,7 @@ class Optimizer:
         # one group, in PyTorch's layout, so that `opt.param_groups[0]["lr"] = ...` works
         self.param_groups = [{"params": self.params, **defaults}]
         self.state: dict[int, dict[str, Any]] = {}  # parameter index -> arrays such as "momentum_buffer"
+        self.initial_lr: float | None = None  # set by the first lr schedule, which all later ones start from
 
     @property
     def lr(self) -> float:
