@@ -95,7 +95,7 @@ def parallel_for(fn: Callable[[int, int], Any], n: int, xp=np) -> list[Any]:
     try:
         first = _part(fn, bounds[0], bounds[1])
     finally:
-        results = [f.result() for f in futures]  # wait for every part, even when part 0 failed
+        results = [f.result() for f in futures]  # wait for every part, even when the first one failed
     return [first] + results
 
 
