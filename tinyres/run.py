@@ -31,7 +31,7 @@ from .progress import Progress, hms
 from .rundir import RunDir, read_jsonl
 from .tensor import Tensor, no_grad, tensor
 
-__all__ = ["DivergenceError", "Run", "TrainConfig", "default_eval_every", "evaluate", "sgd_step"]
+__all__ = ["DivergenceError", "Run", "TrainConfig", "default_eval_every", "evaluate", "train_step"]
 
 @dataclass
 class TrainConfig:
@@ -161,8 +161,9 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: np.
     return loss_sum / n, wrong / n
 
 
-def sgd_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tensor) -> tuple[Any, Any]:
-    """One SGD step on x (N, 3, H, W), y (N,); its loss and error rate stay on the device as 0-d arrays."""
+def train_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tensor) -> tuple[Any, Any]:
+    """One optimizer step on the batch x (N, 3, H, W), y (N,); returns its loss and error rate as 0-d
+    arrays that stay on the device (`float()` reads them)."""
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     optimizer.zero_grad()
@@ -247,22 +248,38 @@ def check_same_arch(saved: dict[str, Any], config: TrainConfig, where: Any) -> N
 
 
 class Run:
-    """One training run: model, optimizer, schedule, data, and the counters an exact resume needs."""
+    """One training run. Its state is made in `__init__` (what needs no data) and `prepare` (the
+    data, and the counters of a resumed run); `loop` then calls, per iteration, `step` and
+    `log_save_or_stop`. The methods below follow that order."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, name: str):
-        self.cfg, self.model, self.name = config, model, name
-        self.dir = RunDir(config.out)
-        self.eval_every = config.eval_every or default_eval_every(config.iters)
+        cfg = self.cfg = config
+        self.model, self.name = model, name
+        self.dir = RunDir(cfg.out)
+        self.eval_every = cfg.eval_every or default_eval_every(cfg.iters)
+        self.optimizer = optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                   nesterov=cfg.nesterov)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        # the data, set by prepare()
+        self.loader: DataLoader | None = None
+        self.mean: np.ndarray | None = None            # the per-pixel mean subtracted from every image
+        self.eval_x: np.ndarray | None = None
+        self.eval_y: np.ndarray | None = None
+        self.split = "test"                            # or "val": what eval_x holds
+        # where the run stands: saved in every checkpoint, set again by _restore()
         self.it, self.elapsed_before, self.smooth_err = 0, 0.0, 1.0
         self.eval_window, self.log_window = Window(), Window()
+        # this process's bookkeeping
         self.pending: list[tuple[float, Any, Any]] = []  # (lr, loss, err) of iterations not yet read
-        self.lr_used = 0.0
+        self.lr_used = 0.0                               # the lr of the newest iteration read
         self.last_saved: tuple[int, Any] | None = None   # (iteration, path) of the newest good checkpoint
         self.last_save_time = time.monotonic()
+        self.t_start = time.perf_counter()               # elapsed() counts from here; loop() restarts it
+        self.progress = Progress(cfg.iters, enabled=False)  # silent until loop() shows a live one
 
     # ---- building and restoring ----------------------------------------------------------
     def prepare(self, data: CIFAR10 | None) -> None:
-        """Data, optimizer, schedule and loader, fresh or restored from the newest checkpoint that loads."""
+        """Data, per-pixel mean and loader; then a fresh start, or the newest checkpoint that loads."""
         cfg = self.cfg
         resuming = self._check_out_dir()
         train_x, train_y, self.eval_x, self.eval_y, self.split = split_data(
@@ -271,9 +288,6 @@ class Run:
             self.mean = np.load(self.dir.mean)
         else:
             self.mean = per_pixel_mean(train_x).astype(np.float32)
-        self.optimizer = optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-        self.scheduler = make_scheduler(self.optimizer, cfg)
         self.loader = DataLoader(train_x, train_y, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                  augment=cfg.augment, mean=self.mean, seed=cfg.seed, prefetch=cfg.prefetch)
         if resuming:
@@ -329,6 +343,7 @@ class Run:
                 while self.it < cfg.iters:
                     xb, yb = next(batches)
                     loss = self.step(tensor(xb, device=cfg.device), tensor(yb, device=cfg.device))
+                    self.progress.update(self.it)
                     if on_iteration is not None:
                         on_iteration(self.it, float(loss))
                     self.log_save_or_stop(stop)
@@ -337,9 +352,9 @@ class Run:
             batches.close()  # stops the prefetch thread, if any
 
     def step(self, x: Tensor, y: Tensor) -> Any:
-        """One iteration: an SGD step and the schedule's step; returns the loss (on the device)."""
+        """One iteration: an optimizer step and the schedule's step; returns the loss (on the device)."""
         lr = self.optimizer.lr
-        loss, err = sgd_step(self.model, self.optimizer, x, y)
+        loss, err = train_step(self.model, self.optimizer, x, y)
         self.pending.append((lr, loss, err))
         self.it += 1
         if getattr(self.scheduler, "warming_up", False):
@@ -347,7 +362,6 @@ class Run:
             self.scheduler.step(train_error=self.smooth_err)
         else:
             self.scheduler.step()
-        self.progress.update(self.it)
         return loss
 
     def log_save_or_stop(self, stop: StopRequest) -> None:
