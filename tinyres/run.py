@@ -85,28 +85,30 @@ class TrainConfig:
 LR_SCHEDULES = ("multistep", "onecycle", "cosine")
 
 
-def make_scheduler(optimizer: optim.Optimizer, cfg: TrainConfig) -> optim.LRScheduler:
+def make_scheduler(optimizer: optim.Optimizer, cfg: TrainConfig, schedules: Any = optim.lr_scheduler) -> Any:
     """The learning-rate schedule `cfg` names, stepped once per iteration over `cfg.iters` iterations.
 
     multistep: the paper's, lr divided by `lr_gamma` at each milestone (with the warm-up of deep
-    nets); onecycle: PyTorch's OneCycleLR peaking at `lr`; cosine: a linear rise from
-    lr / div_factor over `pct_start` of the run, then half a cosine down to 0.
+    nets); onecycle: OneCycleLR peaking at `lr`; cosine: a linear rise from lr / div_factor over
+    `pct_start` of the run, then half a cosine down to 0. The classes come from `schedules`:
+    tinyres's, or `torch.optim.lr_scheduler`, whose names and arguments they share (the paper's
+    warm-up, WarmupLR, is tinyres's alone).
     """
     if cfg.lr_schedule == "onecycle":
-        return optim.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.iters, pct_start=cfg.pct_start,
-                                anneal_strategy=cfg.anneal_strategy, cycle_momentum=cfg.cycle_momentum,
-                                base_momentum=cfg.base_momentum, max_momentum=cfg.momentum,
-                                div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
+        return schedules.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.iters, pct_start=cfg.pct_start,
+                                    anneal_strategy=cfg.anneal_strategy, cycle_momentum=cfg.cycle_momentum,
+                                    base_momentum=cfg.base_momentum, max_momentum=cfg.momentum,
+                                    div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
     if cfg.lr_schedule == "cosine":
         rise = round(cfg.pct_start * cfg.iters)
-        cosine = optim.CosineAnnealingLR(optimizer, T_max=cfg.iters - rise)
+        cosine = schedules.CosineAnnealingLR(optimizer, T_max=cfg.iters - rise)
         if rise == 0:
             return cosine
-        return optim.SequentialLR(optimizer, [optim.LinearLR(optimizer, 1 / cfg.div_factor, total_iters=rise), cosine],
-                                  milestones=[rise])
+        warmup = schedules.LinearLR(optimizer, 1 / cfg.div_factor, total_iters=rise)
+        return schedules.SequentialLR(optimizer, [warmup, cosine], milestones=[rise])
     if cfg.lr_schedule != "multistep":
         raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
-    scheduler: optim.LRScheduler = optim.MultiStepLR(optimizer, list(cfg.milestones), gamma=cfg.lr_gamma)
+    scheduler = schedules.MultiStepLR(optimizer, list(cfg.milestones), gamma=cfg.lr_gamma)
     if cfg.warmup if cfg.warmup is not None else cfg.depth >= 110:
         scheduler = optim.WarmupLR(optimizer, scheduler, warmup_lr=cfg.warmup_lr, until_iter=cfg.warmup_iters,
                                    until_error=cfg.warmup_error)
