@@ -262,13 +262,13 @@ def test_torch_reference_trains_on_the_same_batches(image_folder, capsys):
 
 @pytest.mark.parametrize("schedule", [["--schedule", "fast", "--iters", "40"], ["--schedule", "short"],
                                       ["--schedule", "fast", "--iters", "50", "--lr", "0.3"]])
-def test_torch_reference_steps_pytorchs_scheduler_as_tinyres_steps_its_own(schedule):
+def test_pytorchs_schedulers_made_from_a_recipe_step_as_tinyres_s(schedule):
     torch = pytest.importorskip("torch")
     ref = example("torch_reference")
     cfg = ref.recipe(ref.build_parser().parse_args(schedule))
     opt_t = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr, momentum=cfg.momentum,
                             nesterov=cfg.nesterov)
-    sched_t = ref.torch_scheduler(torch, opt_t, cfg)
+    sched_t = tinyres.run.make_scheduler(opt_t, cfg, torch.optim.lr_scheduler)
     opt = tinyres.optim.SGD([tinyres.nn.Parameter(tinyres.zeros(1))], lr=cfg.lr, momentum=cfg.momentum,
                             nesterov=cfg.nesterov)
     sched = tinyres.run.make_scheduler(opt, cfg)

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from reference import conv2d_reference
 
 import tinyres
 from tinyres import nn
@@ -189,25 +190,11 @@ def test_load_state_dict_non_strict_reports_keys_but_still_refuses_wrong_shapes(
 
 # ---- layers -------------------------------------------------------------------------------
 
-def conv2d_by_loops(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, padding: int) -> np.ndarray:
-    """A convolution written out position by position in float64: the definition, independent of im2col."""
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    k = w.shape[2]
-    oh = (xp.shape[2] - k) // stride + 1
-    ow = (xp.shape[3] - k) // stride + 1
-    y = np.empty((x.shape[0], w.shape[0], oh, ow))
-    for i in range(oh):
-        for j in range(ow):
-            patch = xp[:, :, i * stride:i * stride + k, j * stride:j * stride + k]
-            y[:, :, i, j] = np.einsum("nchw,ochw->no", patch, w.astype(np.float64)) + b
-    return y
-
-
 def test_layers_compute_their_definitions(device):
     x = images(device=device)
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1).to(device)
     nn.init.uniform_(conv.bias, -1, 1)  # a non-zero bias, so that adding it is checked too
-    expected = conv2d_by_loops(x.numpy(), conv.weight.numpy(), conv.bias.numpy(), stride=2, padding=1)
+    expected = conv2d_reference(x.numpy(), conv.weight.numpy(), conv.bias.numpy(), (2, 2), (1, 1))
     np.testing.assert_allclose(conv(x).numpy(), expected, rtol=1e-5, atol=1e-5)
     assert conv(x).shape == (4, 5, 3, 3)
     assert nn.MaxPool2d(2)(x).shape == (4, 3, 3, 3)

@@ -529,8 +529,6 @@ def test_losses_are_read_from_the_device_once_per_log_window(tmp_path, tiny_data
     config = tiny_config(tmp_path / "run", log_every=4, eval_every=100, checkpoint_every=100)
     run = Run(config, build_model(8), "ResNet-8")
     run.prepare(tiny_data)
-    run.progress = Progress(config.iters, enabled=False)
-    run.t_start = time.perf_counter()
     batches = run.loader.stream()
     for it in range(1, 5):
         x, y = next(batches)

@@ -31,7 +31,7 @@ from .shape_ops import (
     transpose,
     unsqueeze,
 )
-from .tensor import Function, Tensor, _GradMode, as_tensor
+from .tensor import Function, Tensor, as_tensor
 
 # ---- elementwise -------------------------------------------------------------------------
 
@@ -361,12 +361,8 @@ class ToDevice(Function):
 
     def __call__(self, x):
         # forward crosses devices, so Function's same-device check does not apply
-        self.src = x.device
-        out = Tensor(to_device(x.data, self.device))
-        self.needs_input_grad = (x.requires_grad,)
-        if _GradMode.enabled and x.requires_grad:
-            out.requires_grad, out.grad_fn, self.inputs = True, self, (x,)
-        return out
+        self.src, self.needs_input_grad = x.device, (x.requires_grad,)
+        return self._output(to_device(x.data, self.device), (x,))
 
     def backward(self, gy):
         return to_device(gy, self.src)

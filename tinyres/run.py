@@ -32,7 +32,7 @@ from .rundir import RunDir, read_jsonl
 from .tensor import Tensor, no_grad, tensor
 
 __all__ = ["DivergenceError", "Interrupted", "ResumeError", "Run", "TrainConfig", "default_eval_every", "evaluate",
-           "sgd_step"]
+           "train_step"]
 
 @dataclass
 class TrainConfig:
@@ -86,28 +86,30 @@ class TrainConfig:
 LR_SCHEDULES = ("multistep", "onecycle", "cosine")
 
 
-def make_scheduler(optimizer: optim.Optimizer, cfg: TrainConfig) -> optim.LRScheduler:
+def make_scheduler(optimizer: optim.Optimizer, cfg: TrainConfig, schedules: Any = optim.lr_scheduler) -> Any:
     """The learning-rate schedule `cfg` names, stepped once per iteration over `cfg.iters` iterations.
 
     multistep: the paper's, lr divided by `lr_gamma` at each milestone (with the warm-up of deep
-    nets); onecycle: PyTorch's OneCycleLR peaking at `lr`; cosine: a linear rise from
-    lr / div_factor over `pct_start` of the run, then half a cosine down to 0.
+    nets); onecycle: OneCycleLR peaking at `lr`; cosine: a linear rise from lr / div_factor over
+    `pct_start` of the run, then half a cosine down to 0. The classes come from `schedules`:
+    tinyres's, or `torch.optim.lr_scheduler`, whose names and arguments they share (the paper's
+    warm-up, WarmupLR, is tinyres's alone).
     """
     if cfg.lr_schedule == "onecycle":
-        return optim.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.iters, pct_start=cfg.pct_start,
-                                anneal_strategy=cfg.anneal_strategy, cycle_momentum=cfg.cycle_momentum,
-                                base_momentum=cfg.base_momentum, max_momentum=cfg.momentum,
-                                div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
+        return schedules.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.iters, pct_start=cfg.pct_start,
+                                    anneal_strategy=cfg.anneal_strategy, cycle_momentum=cfg.cycle_momentum,
+                                    base_momentum=cfg.base_momentum, max_momentum=cfg.momentum,
+                                    div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
     if cfg.lr_schedule == "cosine":
         rise = round(cfg.pct_start * cfg.iters)
-        cosine = optim.CosineAnnealingLR(optimizer, T_max=cfg.iters - rise)
+        cosine = schedules.CosineAnnealingLR(optimizer, T_max=cfg.iters - rise)
         if rise == 0:
             return cosine
-        return optim.SequentialLR(optimizer, [optim.LinearLR(optimizer, 1 / cfg.div_factor, total_iters=rise), cosine],
-                                  milestones=[rise])
+        warmup = schedules.LinearLR(optimizer, 1 / cfg.div_factor, total_iters=rise)
+        return schedules.SequentialLR(optimizer, [warmup, cosine], milestones=[rise])
     if cfg.lr_schedule != "multistep":
         raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
-    scheduler: optim.LRScheduler = optim.MultiStepLR(optimizer, list(cfg.milestones), gamma=cfg.lr_gamma)
+    scheduler = schedules.MultiStepLR(optimizer, list(cfg.milestones), gamma=cfg.lr_gamma)
     if cfg.warmup if cfg.warmup is not None else cfg.depth >= 110:
         scheduler = optim.WarmupLR(optimizer, scheduler, warmup_lr=cfg.warmup_lr, until_iter=cfg.warmup_iters,
                                    until_error=cfg.warmup_error)
@@ -176,8 +178,9 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: np.
     return loss_sum / n, wrong / n
 
 
-def sgd_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tensor) -> tuple[Any, Any]:
-    """One SGD step on x (N, 3, H, W), y (N,); its loss and error rate stay on the device as 0-d arrays.
+def train_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tensor) -> tuple[Any, Any]:
+    """One optimizer step on the batch x (N, 3, H, W), y (N,); returns its loss and error rate as 0-d
+    arrays that stay on the device (`float()` reads them).
 
     A NaN or infinite loss raises DivergenceError before the update, so the weights stay as they
     were. Checking it reads one number per step (on a GPU, a wait for the backward pass).
@@ -277,25 +280,41 @@ def check_same_arch(saved: dict[str, Any], config: TrainConfig, where: Any) -> N
 
 
 class Run:
-    """One training run: model, optimizer, schedule, data, and the counters an exact resume needs."""
+    """One training run. Its state is made in `__init__` (what needs no data) and `prepare` (the
+    data, and the counters of a resumed run); `loop` then calls, per iteration, `step` and
+    `log_save_or_stop`. The methods below follow that order."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, name: str):
-        self.cfg, self.model, self.name = config, model, name
-        self.dir = RunDir(config.out)
-        self.eval_every = config.eval_every or default_eval_every(config.iters)
+        cfg = self.cfg = config
+        self.model, self.name = model, name
+        self.dir = RunDir(cfg.out)
+        self.eval_every = cfg.eval_every or default_eval_every(cfg.iters)
+        self.optimizer = optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                   nesterov=cfg.nesterov)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        # the data, set by prepare()
+        self.loader: DataLoader | None = None
+        self.mean: np.ndarray | None = None            # the per-pixel mean subtracted from every image
+        self.eval_x: np.ndarray | None = None
+        self.eval_y: np.ndarray | None = None
+        self.split = "test"                            # or "val": what eval_x holds
+        # where the run stands: saved in every checkpoint, set again by _restore()
         self.it, self.elapsed_before, self.smooth_err = 0, 0.0, 1.0
         self.eval_window, self.log_window = Window(), Window()
+        # this process's bookkeeping
         self.pending: list[tuple[float, Any, Any]] = []  # (lr, loss, err) of iterations not yet read
-        self.lr_used = 0.0
-        self.start_loss: float | None = None  # the first iteration's loss: the yardstick of watch_loss
+        self.lr_used = 0.0                               # the lr of the newest iteration read
+        self.start_loss: float | None = None             # the first iteration's loss: the yardstick of watch_loss
         self.warned_growth = False
         self.last_saved: tuple[int, Any] | None = None   # (iteration, path) of the newest good checkpoint
         self.eval_pending = False  # an evaluation due at this iteration that a stop request left undone
         self.last_save_time = time.monotonic()
+        self.t_start = time.perf_counter()               # elapsed() counts from here; loop() restarts it
+        self.progress = Progress(cfg.iters, enabled=False)  # silent until loop() shows a live one
 
     # ---- building and restoring ----------------------------------------------------------
     def prepare(self, data: CIFAR10 | None) -> None:
-        """Data, optimizer, schedule and loader, fresh or restored from the newest checkpoint that loads."""
+        """Data, per-pixel mean and loader; then a fresh start, or the newest checkpoint that loads."""
         cfg = self.cfg
         resuming = self._check_out_dir()
         train_x, train_y, self.eval_x, self.eval_y, self.split = split_data(
@@ -304,9 +323,6 @@ class Run:
             self.mean = np.load(self.dir.mean)
         else:
             self.mean = per_pixel_mean(train_x).astype(np.float32)
-        self.optimizer = optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-        self.scheduler = make_scheduler(self.optimizer, cfg)
         self.loader = DataLoader(train_x, train_y, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                  augment=cfg.augment, mean=self.mean, seed=cfg.seed, prefetch=cfg.prefetch)
         if resuming:
@@ -398,6 +414,7 @@ class Run:
                 while self.it < cfg.iters:
                     xb, yb = next(batches)
                     loss = self.step(tensor(xb, device=cfg.device), tensor(yb, device=cfg.device))
+                    self.progress.update(self.it)
                     if on_iteration is not None:
                         on_iteration(self.it, float(loss))
                     self.log_save_or_stop(stop)
@@ -406,10 +423,10 @@ class Run:
             batches.close()  # stops the prefetch thread, if any
 
     def step(self, x: Tensor, y: Tensor) -> Any:
-        """One iteration: an SGD step and the schedule's step; returns the loss (on the device)."""
+        """One iteration: an optimizer step and the schedule's step; returns the loss (on the device)."""
         lr = self.optimizer.lr
         try:
-            loss, err = sgd_step(self.model, self.optimizer, x, y)
+            loss, err = train_step(self.model, self.optimizer, x, y)
         except DivergenceError as e:
             self.read_pending()
             self.diverged(f"{e} at iteration {self.it + 1}")
@@ -420,7 +437,6 @@ class Run:
             self.scheduler.step(train_error=self.smooth_err)
         else:
             self.scheduler.step()
-        self.progress.update(self.it)
         return loss
 
     def log_save_or_stop(self, stop: StopRequest) -> None:

@@ -328,11 +328,15 @@ class Function:
                             f"({', '.join(f'{a.dtype}{tuple(a.shape)}' for a in arrays)}); "
                             "convert with .float() or .double() first")
         self.needs_input_grad = tuple(t.requires_grad for t in tensors)
-        out = Tensor(self.forward(*arrays))
+        return self._output(self.forward(*arrays), tensors)
+
+    def _output(self, y, inputs: tuple[Tensor, ...]) -> Tensor:
+        """`y` as a Tensor; recorded as computed by this op from `inputs` when a gradient is to flow back."""
+        out = Tensor(y)
         if _GradMode.enabled and any(self.needs_input_grad):
             out.requires_grad = True
             out.grad_fn = self
-            self.inputs = tensors
+            self.inputs = inputs
         return out
 
     @property

@@ -21,15 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import models, nn, optim
+from . import models, nn
 from .backend import cuda_available, gpu_status
 from .data import CIFAR10
 from .models import count_parameters
 from .nn import init
 from .progress import Progress
-from .run import DivergenceError, Run, TrainConfig, default_eval_every, error_targets, evaluate, first_below, sgd_step
+from .run import DivergenceError, Run, TrainConfig, default_eval_every, error_targets, evaluate, first_below, train_step
 from .rundir import RunDir, read_jsonl
-from .tensor import Tensor
 
 __all__ = [
     "DivergenceError",
@@ -64,12 +63,6 @@ def model_name(depth: int, plain: bool = False, shortcut: str = "A") -> str:
     if plain:
         return f"plain-{depth}"
     return f"ResNet-{depth}" + ("" if shortcut.upper() == "A" else f" ({shortcut.upper()})")
-
-
-def train_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """One SGD step on the batch x (N, 3, H, W), y (N,); returns its loss and error rate."""
-    loss, err = sgd_step(model, optimizer, x, y)
-    return float(loss), float(err)
 
 
 # ---- the run -------------------------------------------------------------------------------

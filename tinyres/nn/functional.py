@@ -1,12 +1,16 @@
 """The ops of a convolutional network, as `torch.nn.functional` names them.
 
-Each op is a `Function` whose forward and backward state the math; the array machinery
-beneath (im2col in chunks, the channels-last layout, threads over the batch) is in
-`tinyres.kernels`. Image tensors are NCHW, as in PyTorch. The names are Chainer's:
-x, W, b the inputs, y the output, gy = dL/dy, and gx, gW, gb the gradients.
+conv2d, batch_norm, max/avg pooling, linear and cross_entropy are each a `Function` here whose
+forward and backward state the math; the global poolings are means, and relu, softmax, flatten,
+cat, ... are re-exported from `tinyres.ops`. The array work beneath (im2col in chunks, the
+channels-last layout, threads over the batch) is in `tinyres.kernels`. Image tensors are NCHW,
+as in PyTorch. The names are Chainer's: x, W, b the inputs, y the output, gy = dL/dy, and gx,
+gW, gb the gradients.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -108,38 +112,50 @@ def conv2d(input, weight, bias=None, stride=1, padding=0) -> Tensor:
 
 # ---- batch norm --------------------------------------------------------------------------
 
+def values_per_channel(shape: tuple[int, ...]) -> int:
+    """How many values batch norm averages per channel of an (N, C, ...) shape: N * H * W."""
+    return math.prod(shape) // max(shape[1], 1)
+
+
 class BatchNorm(Function):
-    """y = gamma * x-hat + beta, x-hat = (x - mean) / sqrt(var + eps), per channel over N, H, W."""
+    """y = gamma * x_hat + beta, x_hat = (x - mean) * invstd, invstd = 1 / sqrt(var + eps), per channel over
+    N (and H, W). mean and var are the batch's (training; kept as `self.mean`, `self.var` for the
+    running statistics) or the running statistics given (eval)."""
 
     def __init__(self, eps, running=None):
         self.eps, self.running = eps, running  # running: (mean, var) to normalize with in eval mode
 
     def forward(self, x, gamma, beta):
-        self.m = m = x.dtype.type(x.size // x.shape[1])  # values per channel
+        self.m = m = x.dtype.type(values_per_channel(x.shape))
         if self.running is None:
-            shift = x[(0, slice(None)) + (0,) * (x.ndim - 2)]  # one sample: near the mean, for accurate sums
+            # x at the first pixel of the first image, per channel: a shift near the mean keeps float32 sums accurate
+            shift = x[(0, slice(None)) + (0,) * (x.ndim - 2)]
             s1, s2 = kernels.channel_sums(x, shift)  # sums of x - shift and of its square
             mean, var = shift + s1 / m, self.xp.maximum(s2 / m - (s1 / m) ** 2, 0)
-            self.batch_stats = mean, var
         else:
             mean, var = (s.astype(x.dtype, copy=False) for s in self.running)
-        self.x, self.mean, self.gamma = x, mean, gamma
+        self.x, self.mean, self.var, self.gamma = x, mean, var, gamma
         self.invstd = 1 / self.xp.sqrt(var + x.dtype.type(self.eps))
         scale = gamma * self.invstd
-        return kernels.channel_affine(x, scale, beta - mean * scale)  # gamma * x-hat + beta
+        return kernels.channel_affine(x, scale, beta - mean * scale)  # = gamma * x_hat + beta
 
     def backward(self, gy):
         x, mean, invstd, m = self.x, self.mean, self.invstd, self.m
-        gbeta, gy_xc = kernels.channel_sums(x, mean, gy)  # sums of gy and of gy * (x - mean)
-        ggamma = gy_xc * invstd  # sum of gy * x-hat
+        gbeta, gy_xc = kernels.channel_sums(x, mean, gy)  # sum(gy) and sum(gy * (x - mean)), in one pass
+        ggamma = gy_xc * invstd  # sum(gy * x_hat)
         gx = None
         if self.needs_input_grad[0]:
             scale = self.gamma * invstd
-            if self.running is None:  # the batch statistics depend on x too:
-                # gx = scale * (gy - mean(gy) - x-hat * mean(gy * x-hat)) = scale * gy + c * x + c0
-                c = -scale * invstd * ggamma / m
-                gx = kernels.channel_affine(gy, scale, -scale * gbeta / m - c * mean, x, c)
-            else:
+            if self.running is None:
+                # mean and var are functions of x too, which gives the textbook
+                #   gx = scale * (gy - mean(gy) - x_hat * mean(gy * x_hat)).
+                # Written out with x_hat = (x - mean) * invstd it is gx = scale * gy + c * x + c0,
+                # one pass over gy and x that makes no x_hat:
+                mean_gy, mean_gy_xhat = gbeta / m, ggamma / m
+                c = -scale * invstd * mean_gy_xhat
+                c0 = -scale * mean_gy - c * mean
+                gx = kernels.channel_affine(gy, scale, c0, x, c)
+            else:  # running statistics are constants: gx = scale * gy
                 gx = kernels.channel_affine(gy, scale, self.xp.zeros_like(scale))
         return gx, ggamma, gbeta
 
@@ -170,54 +186,56 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         if rm is None or rv is None:
             raise ValueError("batch_norm: eval mode needs running_mean and running_var")
         return BatchNorm(eps, (rm, rv))(x, weight, bias)
-    m = x.numel() // max(c, 1)
+    m = values_per_channel(x.shape)
     if m < 2:
         raise ValueError(f"batch_norm: training needs more than one value per channel, got input {x.shape}")
     fn = BatchNorm(eps)
     y = fn(x, weight, bias)
-    mean, var = fn.batch_stats
-    del fn.batch_stats
     if rm is not None:
         rm *= 1 - momentum
-        rm += (momentum * mean).astype(rm.dtype, copy=False)
+        rm += (momentum * fn.mean).astype(rm.dtype, copy=False)
     if rv is not None:
         rv *= 1 - momentum
-        rv += (momentum * m / (m - 1) * var).astype(rv.dtype, copy=False)
+        rv += (momentum * m / (m - 1) * fn.var).astype(rv.dtype, copy=False)
     return y
 
 
 # ---- pooling -----------------------------------------------------------------------------
 
 class Pool2d(Function):
-    """Max or average over kernel-sized windows, on the channels-last view."""
+    """y[n, c, i, j] = max or mean over p < KH, q < KW of x[n, c, s*i + p - pad, s*j + q - pad]
+
+    Worked on the channels-last view, whose (N, OH, OW, KH*KW, C) windows are one strided view.
+    Max: the first maximum of a window takes its gradient (PyTorch's rule for max pooling;
+    `amax`, a reduction, splits a tie's gradient as `torch.amax` does)."""
 
     def __init__(self, mode: str, kernel_size, stride, padding):
-        self.mode, self.k, self.s, self.p = mode, kernel_size, stride, padding
+        self.mode, self.kernel_size, self.stride, self.padding = mode, kernel_size, stride, padding
 
     def forward(self, x):
-        (kh, kw), (sh, sw), (ph, pw) = self.k, self.s, self.p
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         n, c, h, w = x.shape
-        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        oh, ow = kernels.output_size(h, kh, sh, ph), kernels.output_size(w, kw, sw, pw)
         xpad = self.xp.full((n, h + 2 * ph, w + 2 * pw, c), -np.inf if self.mode == "max" else 0, dtype=x.dtype)
         xpad[:, ph:ph + h, pw:pw + w] = x.transpose(0, 2, 3, 1)
         self.shape, self.out = x.shape, (oh, ow)
         win = kernels.windows(xpad, kh, kw, sh, sw, oh, ow).reshape(n, oh, ow, kh * kw, c)
         if self.mode == "avg":
             return win.mean(axis=3).transpose(0, 3, 1, 2)
-        self.argmax = win.argmax(axis=3)[:, :, :, None, :]  # the first maximum takes the gradient
+        self.argmax = win.argmax(axis=3)[:, :, :, None, :]  # (N, OH, OW, 1, C): where in its window each max is
         return self.xp.take_along_axis(win, self.argmax, axis=3)[:, :, :, 0, :].transpose(0, 3, 1, 2)
 
     def backward(self, gy):
-        # max: gy goes to the argmax of each window; avg: gy / (kh * kw) to every element of it
-        xp, (kh, kw), (sh, sw), (ph, pw) = self.xp, self.k, self.s, self.p
+        # max: gy to the argmax of each window; avg: gy / (kh * kw) to every element of it
+        xp, (kh, kw), (sh, sw), (ph, pw) = self.xp, self.kernel_size, self.stride, self.padding
         (n, c, h, w), (oh, ow) = self.shape, self.out
         g = gy.transpose(0, 2, 3, 1)[:, :, :, None, :]
-        if self.mode == "max":
+        if self.mode == "max":  # window position q gets gy where q is the argmax: a one-hot mask along axis 3
             gwin = (xp.arange(kh * kw).reshape(1, 1, 1, -1, 1) == self.argmax) * g
         else:
             gwin = xp.broadcast_to(g / gy.dtype.type(kh * kw), (n, oh, ow, kh * kw, c))
-        gpad = xp.zeros((n, h + 2 * ph + sh, w + 2 * pw + sw, c), dtype=gy.dtype)
-        kernels.col2im(gwin.reshape(n, oh, ow, kh, kw, c), gpad, sh, sw)
+        gpad = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=gy.dtype)
+        kernels.col2im(gwin.reshape(n, oh, ow, kh, kw, c), gpad, sh, sw)  # overlapping windows add up
         return gpad[:, ph:ph + h, pw:pw + w].transpose(0, 3, 1, 2)
 
 

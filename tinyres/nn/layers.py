@@ -49,7 +49,7 @@ class Conv2d(Module):
 class _BatchNorm(Module):
     """Shared by BatchNorm1d and BatchNorm2d: per-channel gamma, beta and running statistics."""
 
-    ndim = 4
+    ndim: int  # of the input: 2 or 4, as each subclass sets
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
