@@ -198,7 +198,7 @@ def test_predict_reads_a_saved_state_dict_with_the_network_given(tmp_path, train
     mean = str(trained_runs["plain8"] / "mean.npy")
     assert predict.main([str(weights), str(image), "--depth", "8", "--plain", "--mean", mean]) == 0
     assert capsys.readouterr().out.startswith("plain-8 from")
-    with pytest.raises(UsageError, match=r"the weights do not fit ResNet-20: missing: layer1\.1\.conv1\.weight .* \.\.\.$"):
+    with pytest.raises(UsageError, match=r"do not fit ResNet-20: missing: layer1\.1\.conv1\.weight .* \.\.\.$"):
         predict.main([str(weights), str(image), "--depth", "20", "--mean", mean])
 
 

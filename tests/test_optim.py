@@ -97,7 +97,7 @@ def test_sgd_rejects_bad_settings():
         optim.SGD([scalar_param(0.0)], lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="empty"):
         optim.SGD([], lr=0.1)
-    with pytest.raises(ValueError, match="SGD: momentum must be below 1 and dampening between 0 and 1, got momentum 1.5"):
+    with pytest.raises(ValueError, match=r"SGD: momentum must be below 1 .* got momentum 1.5"):
         optim.SGD([scalar_param(0.0)], lr=0.1, momentum=1.5)
     with pytest.raises(ValueError, match="dampening 2"):
         optim.SGD([scalar_param(0.0)], lr=0.1, momentum=0.9, dampening=2)

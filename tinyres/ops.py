@@ -505,6 +505,6 @@ _install_tensor_methods()
 
 __all__ = ["Add", "Cast", "Div", "Exp", "Log", "LogSoftmax", "MatMul", "Max", "Mul", "Neg", "Pow", "ReLU", "Sub",
            "Sum", "ToDevice", "ValuesIndices", "add", "amax", "amin", "argmax", "argmin", "cat", "clone",
-           "concatenate", "div", "exp", "expand", "flatten", "getitem", "log", "log_softmax", "matmul", "max", "mean", "min",
-           "mul", "neg", "pad", "permute", "pow", "relu", "reshape", "softmax", "squeeze", "stack", "sub", "sum", "t",
-           "to", "topk", "transpose", "unsqueeze"]
+           "concatenate", "div", "exp", "expand", "flatten", "getitem", "log", "log_softmax", "matmul", "max", "mean",
+           "min", "mul", "neg", "pad", "permute", "pow", "relu", "reshape", "softmax", "squeeze", "stack", "sub",
+           "sum", "t", "to", "topk", "transpose", "unsqueeze"]

@@ -75,7 +75,8 @@ class RunDir:
             f.write(json.dumps(row) + "\n")
 
     def roll_back(self, iteration: int, evaluated: bool = True) -> None:
-        """Drop logged rows after `iteration` (and its evaluation unless `evaluated`): the resumed run logs them again."""
+        """Drop logged rows after `iteration` (and its evaluation unless `evaluated`): the resumed run logs them
+        again."""
         for path in (self.metrics, self.train_log):
             if path.exists():
                 last = iteration if evaluated or path != self.metrics else iteration - 1

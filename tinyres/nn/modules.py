@@ -18,8 +18,8 @@ from ..backend import device_of, is_cupy, normalize_device, to_device
 from ..statedict import as_array, refuse_if_errors
 from ..tensor import Tensor
 
-__all__ = ["Identity", "IncompatibleKeys", "Module", "ModuleDict", "ModuleList", "Parameter", "RemovableHandle", "Sequential",
-           "zero_grads"]
+__all__ = ["Identity", "IncompatibleKeys", "Module", "ModuleDict", "ModuleList", "Parameter", "RemovableHandle",
+           "Sequential", "zero_grads"]
 
 
 class Parameter(Tensor):
