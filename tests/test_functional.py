@@ -25,7 +25,7 @@ from strategies import (
 
 import tinyres
 import tinyres.nn.functional as F
-from tinyres import gradcheck
+from tinyres import gradcheck, nn
 
 # ---- reference implementations (float64) ---------------------------------------------------
 
@@ -336,6 +336,41 @@ def test_cross_entropy_value_and_gradient(device, data, n, k, xp):
     assert F.cross_entropy(leaf(x, device), target.tolist()).item() == pytest.approx(expected, rel=1e-12)
     assert gradcheck(lambda t: F.cross_entropy(t, xp.asarray(target)), [leaf(x, device)])
     assert gradcheck(lambda t: F.cross_entropy(t, leaf(target, device, requires_grad=False)), [leaf(x, device)])
+
+
+@with_fixtures
+@given(data=st.data(), n=st.integers(1, 5), k=st.integers(2, 6), eps=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+       reduction=st.sampled_from(["mean", "sum", "none"]))
+def test_cross_entropy_label_smoothing_and_reduction(device, data, n, k, eps, reduction, xp):
+    x = data.draw(arrays((n, k), -5, 5), label="logits")
+    target = np.array(data.draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n), label="target"))
+    q = (1 - eps) * np.eye(k)[target] + eps / k  # PyTorch's smoothed target distribution
+    per_sample = -(q * log_softmax_ref(x, 1)).sum(axis=1)
+    expected = {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}[reduction]
+    loss = F.cross_entropy(leaf(x, device), xp.asarray(target), reduction=reduction, label_smoothing=eps)
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert gradcheck(lambda t: F.cross_entropy(t, xp.asarray(target), reduction, eps), [leaf(x, device)])
+    module = nn.CrossEntropyLoss(reduction=reduction, label_smoothing=eps)
+    np.testing.assert_allclose(module(leaf(x, device), xp.asarray(target)).numpy(), expected, rtol=1e-12)
+
+
+def test_cross_entropy_settings_are_checked(device):
+    x, t = tinyres.zeros(2, 3, device=device), np.array([0, 1])
+    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none', got 'avg'"):
+        F.cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\], got 1.5"):
+        F.cross_entropy(x, t, label_smoothing=1.5)
+
+
+def test_integer_input_to_a_layer_is_a_sentence(device):
+    images = tinyres.tensor(np.zeros((2, 3, 8, 8), np.uint8), device=device)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 2)).to(device)
+    with pytest.raises(TypeError, match=r"conv2d: input must be float32 or float64, got uint8 with shape "
+                                        r"\(2, 3, 8, 8\); convert it with \.float\(\) \(images: x\.float\(\) / 255"):
+        model(images)
+    with pytest.raises(TypeError, match=r"linear: input must be float32 or float64, got int64 with shape \(2, 4\)"):
+        F.linear(tinyres.tensor(np.ones((2, 4), np.int64), device=device), tinyres.ones(3, 4, device=device))
+    assert model(images.float() / 255).shape == (2, 2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -84,7 +84,7 @@ def train(config: TrainConfig, data: CIFAR10 | None = None,
     model = build_model(config.depth, config.plain, config.shortcut).to(config.device)
     run = Run(config, model, model_name(config.depth, config.plain, config.shortcut))
     run.prepare(data)  # data, optimizer, schedule, loader: fresh, or restored from the newest checkpoint
-    if run.it < config.iters:
+    if run.it < config.iters or run.eval_pending:
         run.loop(on_iteration)
     history = read_metrics(config.out)
     return {**(history[-1] if history else {}), "name": run.name, "iterations": run.it,

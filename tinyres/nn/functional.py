@@ -34,7 +34,7 @@ from ..tensor import Function, Tensor, as_tensor
 
 __all__ = [
     "adaptive_avg_pool2d", "avg_pool2d", "batch_norm", "cat", "concatenate", "conv2d", "cross_entropy", "flatten",
-    "getitem", "global_avg_pool2d", "linear", "log_softmax", "max_pool2d", "mean", "pad", "permute", "relu",
+    "getitem", "global_avg_pool2d", "linear", "log_softmax", "max_pool2d", "mean", "nll_loss", "pad", "permute", "relu",
     "reshape", "softmax", "transpose",
 ]
 
@@ -47,6 +47,16 @@ def int_pair(v, name: str, op: str, low: int = 0) -> tuple[int, int]:
     if min(t) < low:
         raise ValueError(f"{op}: {name} must be >= {low}, got {v!r}")
     return int(t[0]), int(t[1])
+
+
+def _check_floats(op: str, **tensors: Tensor) -> None:
+    """A TypeError naming `op` unless every tensor holds floats (integer images reach a model all too easily)."""
+    for name, t in tensors.items():
+        if t.dtype.kind != "f":
+            hint = (" (images: x.float() / 255, or tinyres.data.to_float with the per-pixel mean)"
+                    if t.dtype == np.uint8 else "")
+            raise TypeError(f"{op}: {name} must be float32 or float64, got {t.dtype} with shape {t.shape}; "
+                            f"convert it with .float(){hint}")
 
 
 def _check_image(op: str, x: Tensor) -> None:
@@ -84,6 +94,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0) -> Tensor:
     """2-D convolution (cross-correlation): (N, C, H, W) * (OC, C, KH, KW) -> (N, OC, OH, OW)."""
     stride, padding = int_pair(stride, "stride", "conv2d", low=1), int_pair(padding, "padding", "conv2d")
     x, W = as_tensor(input), as_tensor(weight)
+    _check_floats("conv2d", input=x, weight=W)
     if x.ndim != 4 or W.ndim != 4:
         raise ValueError(f"conv2d: expected input (N, C, H, W) and weight (OC, C, KH, KW), got {x.shape} and {W.shape}")
     if W.shape[1] != x.shape[1]:
@@ -290,6 +301,7 @@ class Linear(Function):
 def linear(input, weight, bias=None) -> Tensor:
     """x @ weight.T + bias: (N, in) -> (N, out)."""
     x, W = as_tensor(input), as_tensor(weight)
+    _check_floats("linear", input=x, weight=W)
     if x.ndim != 2 or W.ndim != 2 or x.shape[1] != W.shape[1]:
         raise ValueError(f"linear: input {x.shape} and weight {W.shape} do not match (need (N, in) and (out, in))")
     if bias is not None and as_tensor(bias).shape != (W.shape[0],):
@@ -298,27 +310,41 @@ def linear(input, weight, bias=None) -> Tensor:
 
 
 class CrossEntropy(Function):
-    """L = -mean_n log softmax(x)[n, t[n]]"""
+    """L[n] = -sum_k q[n, k] log softmax(x)[n, k], with q = (1 - eps) onehot(t[n]) + eps / K;
+    L = mean_n L[n] (or the sum, or each L[n])"""
 
-    def __init__(self, target):
-        self.t = target
+    def __init__(self, target, label_smoothing: float, reduction: str):
+        self.t, self.eps, self.reduction = target, label_smoothing, reduction
 
     def forward(self, x):
-        xp, n = self.xp, x.shape[0]
+        xp, (n, k) = self.xp, x.shape
         self.logp = kernels.log_softmax(x, 1)
-        return xp.asarray(-self.logp[xp.arange(n), self.t].sum() / x.dtype.type(n), dtype=x.dtype)
+        loss = -self.logp[xp.arange(n), self.t]
+        if self.eps:
+            loss = (1 - self.eps) * loss - (self.eps / k) * self.logp.sum(axis=1)
+        if self.reduction == "none":
+            return loss
+        total = loss.sum()
+        return xp.asarray(total / x.dtype.type(n) if self.reduction == "mean" else total, dtype=x.dtype)
 
     def backward(self, gy):
-        # gx = (softmax(x) - onehot(t)) * gy / N
-        xp, n = self.xp, self.logp.shape[0]
+        # gx[n] = (softmax(x)[n] - q[n]) * w[n], where w = gy / N (mean), gy (sum) or gy[n] (none)
+        xp, (n, k) = self.xp, self.logp.shape
         gx = xp.exp(self.logp)
-        gx[xp.arange(n), self.t] -= 1
-        gx *= gy / gy.dtype.type(n)
+        gx[xp.arange(n), self.t] -= 1 - self.eps
+        if self.eps:
+            gx -= self.eps / k
+        if self.reduction == "none":
+            gx *= gy[:, None]
+        else:
+            gx *= gy / gy.dtype.type(n) if self.reduction == "mean" else gy
         return gx
 
 
-def cross_entropy(input, target) -> Tensor:
-    """Mean negative log-likelihood of integer `target` (N,) under softmax(`input` (N, classes)).
+def cross_entropy(input, target, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """Negative log-likelihood of integer `target` (N,) under softmax(`input` (N, classes)), as PyTorch's:
+    averaged over the batch (reduction "mean"), summed ("sum") or per sample ("none"); with
+    `label_smoothing` eps the target is (1 - eps) on the class and eps / classes on every class.
 
     Target values are checked on the CPU; on a GPU that check would stall the device every step,
     so there an out-of-range target gives a meaningless loss instead.
@@ -327,8 +353,13 @@ def cross_entropy(input, target) -> Tensor:
     t = target.data if isinstance(target, Tensor) else target
     if not hasattr(t, "dtype"):
         t = np.asarray(t)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must lie in [0, 1], got {label_smoothing}")
     if x.ndim != 2:
         raise ValueError(f"cross_entropy: expected logits (N, classes), got {x.shape}")
+    _check_floats("cross_entropy", input=x)
     if x.shape[0] == 0:
         raise ValueError(f"cross_entropy: empty batch (logits {x.shape}): the mean over no samples is undefined")
     if t.ndim != 1 or t.shape[0] != x.shape[0]:
@@ -342,4 +373,34 @@ def cross_entropy(input, target) -> Tensor:
     if x.device == "cpu" and (t.min() < 0 or t.max() >= x.shape[1]):
         raise ValueError(f"cross_entropy: target values must lie in [0, {x.shape[1]}), "
                          f"got min {int(t.min())}, max {int(t.max())}")
-    return CrossEntropy(t)(x)
+    return CrossEntropy(t, float(label_smoothing), reduction)(x)
+
+
+def nll_loss(input, target, reduction: str = "mean") -> Tensor:
+    """Negative log-likelihood of integer `target` (N,) given log-probabilities `input` (N, classes), as PyTorch's:
+    `nll_loss(log_softmax(x, 1), t)` is `cross_entropy(x, t)`."""
+    x = as_tensor(input)
+    t = target.data if isinstance(target, Tensor) else np.asarray(target)
+    if x.ndim != 2 or t.ndim != 1 or t.shape[0] != x.shape[0] or t.dtype.kind not in "iu":
+        raise ValueError(f"nll_loss: expected log-probabilities (N, classes) and integer targets (N,), got "
+                         f"{x.shape} and {t.dtype}{tuple(t.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"nll_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    picked = -getitem(x, (get_array_module(x.data).arange(x.shape[0]), t))
+    return picked if reduction == "none" else picked.sum() if reduction == "sum" else picked.mean()
+
+
+# functions a PyTorch script may call that tinyres leaves out, and what to use instead
+LEFT_OUT_FUNCTIONS = {
+    **dict.fromkeys(("dropout", "dropout2d", "sigmoid", "tanh", "leaky_relu", "gelu", "silu", "elu", "layer_norm",
+                     "group_norm", "interpolate", "conv1d", "conv3d", "conv_transpose2d", "embedding"),
+                    "the networks of He et al. (2015) do not use it, and tinyres has the ops they need"),
+    "mse_loss": "write ((input - target) ** 2).mean()",
+    "one_hot": "index an identity matrix: tinyres.tensor(numpy.eye(classes)[labels])",
+}
+
+
+def __getattr__(name: str):
+    if name in LEFT_OUT_FUNCTIONS:
+        raise AttributeError(f"tinyres.nn.functional has no {name}: {LEFT_OUT_FUNCTIONS[name]}")
+    raise AttributeError(f"module 'tinyres.nn.functional' has no attribute {name!r}")

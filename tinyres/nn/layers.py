@@ -183,5 +183,9 @@ class Flatten(Module):
 class CrossEntropyLoss(Module):
     """Mean cross-entropy of logits (N, classes) against integer targets (N,), as `torch.nn.CrossEntropyLoss`."""
 
+    def __init__(self, reduction: str = "mean", label_smoothing: float = 0.0):
+        super().__init__()
+        self.reduction, self.label_smoothing = reduction, label_smoothing
+
     def forward(self, input, target):
-        return F.cross_entropy(input, target)
+        return F.cross_entropy(input, target, self.reduction, self.label_smoothing)
