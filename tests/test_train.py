@@ -382,6 +382,31 @@ def test_the_first_evaluation_below_each_target_error_is_marked_once(tmp_path, t
     assert tinyres.train.first_below(rows, 0.999) is rows[0] and tinyres.train.first_below(rows, -1.0) is None
 
 
+def test_a_run_saved_before_the_schedule_settings_existed_resumes_unchanged(tmp_path, tiny_data, capsys):
+    """A checkpoint whose config lacks lr_schedule, nesterov, ... resumes as the paper's schedule, with no change."""
+    whole = tiny_config(tmp_path / "whole")
+    train(whole, data=tiny_data)
+
+    def press_ctrl_c(it: int, loss: float) -> None:
+        if it == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "old"), data=tiny_data, on_iteration=press_ctrl_c)
+    newer = ("lr_schedule", "pct_start", "anneal_strategy", "div_factor", "final_div_factor", "cycle_momentum",
+             "base_momentum", "nesterov")
+    path = tmp_path / "old" / "checkpoint.npz"
+    ckpt = tinyres.load(path)
+    ckpt["extra"]["config"] = {k: v for k, v in ckpt["extra"]["config"].items() if k not in newer}
+    tinyres.save(ckpt, path)
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    (tmp_path / "old" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in newer}))
+    capsys.readouterr()
+    train(tiny_config(tmp_path / "old", resume=True, progress=True), data=tiny_data)
+    assert "changed on resume" not in capsys.readouterr().err
+    assert_same_state(final_state(tmp_path / "old", whole), final_state(tmp_path / "whole", whole))
+
+
 def test_resume_refuses_another_network(tmp_path, tiny_data):
     train(tiny_config(tmp_path / "run", iters=2), data=tiny_data)
     with pytest.raises(ValueError, match=r"different network.*depth: saved 8, requested 14"):

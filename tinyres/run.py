@@ -373,6 +373,8 @@ class Run:
         start; an unchanged one is left exactly as it was restored.
         """
         cfg, now = self.cfg, self.cfg.to_dict()
+        # a setting the checkpoint's config lacks came in later: the run was made with its default
+        saved = {**TrainConfig().to_dict(), **saved}
         group = self.optimizer.param_groups[0]
         group["momentum"], group["weight_decay"] = float(cfg.momentum), float(cfg.weight_decay)
         group["nesterov"] = bool(cfg.nesterov)
