@@ -5,7 +5,7 @@ ranks spend talking.
     python benchmarks/data_parallel.py --ranks 4 --rounds 5
     python benchmarks/data_parallel.py --cluster 2 4 8 16 32   # and a model on paper of P one-core ranks
 
-Both train ResNet-20 on the same global batch (128) with the trainer's step (`tinyres.run.sgd_step`):
+Both train ResNet-20 on the same global batch (128) with the trainer's step (`tinyres.run.train_step`):
 the ranks with synchronized batch norm and `DistributedDataParallel`, each on its part of the
 batch. Each measurement is a fresh process (a fresh `mpiexec` job for the ranks), and the two
 alternate over `--rounds` rounds so that drift in the machine's load hits both alike.
@@ -95,21 +95,21 @@ class Messages:
 def _child(args) -> None:
     """One configuration in this process: print a JSON line of its step times (and messages)."""
     from tinyres import distributed as dist
-    from tinyres.run import sgd_step
+    from tinyres.run import train_step
 
     parallel = args.child == "ranks"
     if parallel:
         dist.init_process_group()
     model, opt, x, y = _step_setup(args.batch_size, parallel)
     for _ in range(args.warmup):
-        sgd_step(model, opt, x, y)
+        train_step(model, opt, x, y)
     messages = Messages() if parallel else None
     steps = []
     for i in range(args.steps):
         if messages is not None:
             messages.calls = []
         t0 = time.perf_counter()
-        sgd_step(model, opt, x, y)
+        train_step(model, opt, x, y)
         steps.append(time.perf_counter() - t0)
     out = {"steps": steps}
     if messages is not None:

@@ -5,8 +5,9 @@
 Each argument is a run directory written by `train_cifar.py`. As in the paper, thin dashed lines are
 training error, drawn densely from train_log.jsonl (one point per `log_every` iterations; runs
 older than that file fall back to the training error of each evaluation in metrics.jsonl), and
-bold lines are test error from metrics.jsonl; one colour per depth; plain nets on the left,
-ResNets on the right.
+bold lines are test error from metrics.jsonl; one colour per depth (two runs of the same net get
+two colours and their folder names); plain nets on the left, ResNets on the right (a panel only
+where there are runs).
 """
 
 from __future__ import annotations
@@ -47,45 +48,61 @@ def training_curve(run: dict[str, Any]) -> tuple[list[int], list[float]]:
     return [r["iter"] for r in rows], [100 * r["train_err"] for r in rows]
 
 
-def _color(depth: int, used: dict[int, str]) -> str:
-    if depth not in used:
-        used[depth] = DEPTH_COLORS.get(depth) or FALLBACK_COLORS[len(used) % len(FALLBACK_COLORS)]
-    return used[depth]
+def label_and_color_runs(runs: list[dict[str, Any]]) -> None:
+    """Give each run its "label" and "color": one colour per depth, as in the paper, and runs that would
+    look alike (the same net twice in a panel) another colour and their folder in the label."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r["label"]] = counts.get(r["label"], 0) + 1
+    spare = iter(FALLBACK_COLORS * len(runs))
+    taken: set[tuple[bool, str]] = set()
+    for r in runs:
+        if counts[r["label"]] > 1:
+            r["label"] += f" ({Path(r['dir']).name})"
+        color = DEPTH_COLORS.get(r["depth"]) or next(spare)
+        while (r["plain"], color) in taken:
+            color = next(spare)
+        taken.add((r["plain"], color))
+        r["color"] = color
 
 
-def plot_curves(run_dirs: list[str | Path], out: str | Path = "fig6.png", ymax: float | None = None) -> Path:
-    """Draw Figure 6 (error % vs iterations; plain | ResNet panels) from run dirs into PNG `out`."""
+def figure_6(run_dirs: list[str | Path], ymax: float | None = None) -> Any:
+    """The matplotlib Figure of Figure 6: a panel for the plain nets and one for the ResNets (only those with runs)."""
     # The object-oriented Figure renders PNGs with the Agg backend and never touches pyplot's
     # global state or a display, so this runs on headless machines and inside other programs.
     from matplotlib.figure import Figure
 
     runs = sorted((load_run(d) for d in run_dirs), key=lambda r: (r["depth"], r["label"]))
-    fig = Figure(figsize=(11, 4.2))
-    axes = fig.subplots(1, 2, sharey=True)
-    colors: dict[int, str] = {}
+    runs = [r for r in runs if r["rows"]]
+    if not runs:
+        raise cli.UsageError("none of the runs has an evaluation in metrics.jsonl yet: nothing to plot")
+    label_and_color_runs(runs)
+    panels = [plain for plain in (True, False) if any(r["plain"] == plain for r in runs)]
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     top = 0.0
-    for ax, plain in zip(axes, (True, False)):
-        group = [r for r in runs if r["plain"] == plain and r["rows"]]
+    for ax, plain in zip(axes, panels):
+        group = [r for r in runs if r["plain"] == plain]
         for r in group:
             train_its, train_err = training_curve(r)
             test_its, test_err = [row["iter"] for row in r["rows"]], [100 * row["test_err"] for row in r["rows"]]
-            c = _color(r["depth"], colors)
-            ax.plot(train_its, train_err, "--", color=c, linewidth=0.7)
-            ax.plot(test_its, test_err, "-", color=c, linewidth=2.2, label=r["label"])
+            ax.plot(train_its, train_err, "--", color=r["color"], linewidth=0.7)
+            ax.plot(test_its, test_err, "-", color=r["color"], linewidth=2.2, label=r["label"])
             top = max(top, *train_err, *test_err)
-        split = group[0]["rows"][-1].get("split", "test") if group else "test"
+        split = group[0]["rows"][-1].get("split", "test")
         ax.set_title("plain networks" if plain else "residual networks (ResNets)")
         ax.set_xlabel("iterations")
         ax.grid(True, alpha=0.3)
-        if group:
-            ax.legend(loc="upper right", fontsize=9, title=f"dashed: training, bold: {split}",
-                      title_fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.legend(loc="upper right", fontsize=9, title=f"dashed: training, bold: {split}", title_fontsize=8)
     axes[0].set_ylabel("error (%)")
     axes[0].set_ylim(0, ymax if ymax is not None else min(100.0, max(20.0, 1.05 * top)))
     fig.tight_layout()
-    return cli.save_figure(fig, out)
+    return fig
+
+
+def plot_curves(run_dirs: list[str | Path], out: str | Path = "fig6.png", ymax: float | None = None) -> Path:
+    """Draw Figure 6 (error % vs iterations; plain | ResNet panels) from run dirs into PNG `out`."""
+    return cli.save_figure(figure_6(run_dirs, ymax), out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,15 @@
 """Classify image files with a trained CIFAR-10 net: print the top-3 classes with probabilities.
 
-    python examples/predict.py runs/r20 cat.jpg ship.png
-    python examples/predict.py runs/r20/checkpoint.npz photo.jpg --depth 20 --shortcut A
+    python examples/predict.py runs/r20/checkpoint.npz cat.jpg ship.png
+    python examples/predict.py runs/r20 photo.jpg                       # the run folder: its checkpoint.npz
+    python examples/predict.py weights.npz photo.jpg --depth 20 --mean mean.npy
 
-The network (depth, plain, shortcut) is read from config.json beside the checkpoint unless given
-as flags, and the per-pixel mean from mean.npy there (or --mean). Images of any size are
-converted to RGB and resized to 32x32, as the CIFAR-10 images the net was trained on.
+A training run's checkpoint says which network it holds (depth, plain, shortcut) and holds the
+per-pixel mean of the training images, so it needs nothing else. A file of
+`tinyres.save(model.state_dict(), path)` does not: give the network with --depth (--plain,
+--shortcut) and the mean with --mean. Checkpoints of older runs take both from config.json and
+mean.npy beside them. Images of any size are converted to RGB and resized to 32x32, as the CIFAR-10
+images the net was trained on; an image that cannot be read is reported and the others are answered.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +27,7 @@ import cli
 
 import tinyres
 from tinyres import nn
-from tinyres.checkpoint import load_checkpoint
+from tinyres.checkpoint import is_checkpoint
 from tinyres.data import CLASSES, to_float
 from tinyres.nn import functional as F
 from tinyres.train import build_model, model_name
@@ -41,10 +46,46 @@ def load_image(path: str | Path, size: int = 32) -> np.ndarray:
         raise cli.UsageError(f"{path}: not an image that Pillow can read ({cli.describe(e)})") from None
 
 
-def load_network(ckpt: Path, depth: int, plain: bool, shortcut: str) -> nn.Module:
-    """The net saved in checkpoint `ckpt`; UsageError if its weights are NaN or infinite."""
+def read_checkpoint(ckpt: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], np.ndarray | None]:
+    """The network's state dict in `ckpt`, the run config saved with it (empty if none) and its mean image (or None)."""
+    doc = tinyres.load(ckpt)
+    if is_checkpoint(doc):
+        extra = doc.get("extra", {})
+        return doc["model"], extra.get("config") or {}, extra.get("mean")
+    if isinstance(doc, dict) and isinstance(doc.get("model"), dict):  # {"model": state_dict, ...}, saved by hand
+        doc = doc["model"]
+    if isinstance(doc, dict) and doc and all(isinstance(v, np.ndarray) for v in doc.values()):
+        return doc, {}, None
+    raise cli.UsageError(f"{ckpt}: holds neither a training checkpoint nor a state dict of arrays")
+
+
+def choose_network(saved: dict[str, Any], source: str, depth: int | None, plain: bool | None,
+                   shortcut: str | None) -> tuple[int, bool, str]:
+    """(depth, plain, shortcut): as `saved` (a run config) says, which flags may repeat but not contradict;
+    from the flags where nothing is saved."""
+    if "depth" not in saved:
+        if depth is None:
+            raise cli.UsageError(f"{source} does not say which network it holds (and there is no config.json "
+                                 "beside it): give the network with --depth (and --plain / --shortcut)")
+        return int(depth), bool(plain), shortcut or "A"
+    net = (int(saved["depth"]), bool(saved.get("plain", False)), str(saved.get("shortcut", "A")).upper())
+    given = {"--depth": (depth, net[0]), "--plain": (plain, net[1]), "--shortcut": (shortcut, net[2])}
+    wrong = [f"{flag} {value}" if flag != "--plain" else flag for flag, (value, saved_value) in given.items()
+             if value is not None and value != saved_value]
+    if wrong:
+        raise cli.UsageError(f"{' '.join(wrong)}: {source} holds {model_name(*net)}; leave out the network flags, "
+                             "which are for files that do not say which network they hold")
+    return net
+
+
+def load_network(ckpt: Path, state: dict[str, np.ndarray], depth: int, plain: bool, shortcut: str) -> nn.Module:
+    """The net of `state`; UsageError if the weights do not fit it or are NaN or infinite."""
     model = build_model(depth, plain, shortcut)
-    load_checkpoint(ckpt, model)
+    errors = model.state_dict_errors(state)
+    if errors:
+        first = errors[0] if len(errors[0]) < 160 else errors[0][:160] + " ..."
+        raise cli.UsageError(f"{ckpt}: the weights do not fit {model_name(depth, plain, shortcut)}: {first}")
+    model.load_state_dict(state)
     bad = [name for name, a in model.state_dict().items() if not np.isfinite(a).all()]
     if bad:
         raise cli.UsageError(f"{ckpt}: the checkpoint's weights are not finite (NaN or inf in {bad[0]}"
@@ -73,14 +114,14 @@ def read_config(run_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: a checkpoint (or run dir) and image files in, top-3 classes out."""
+    """Command line: a checkpoint (or run dir) and image files in, top-3 classes out; status 2 if an image failed."""
     p = cli.ArgumentParser(__doc__)
-    p.add_argument("checkpoint", help="checkpoint.npz, or the run directory holding it")
+    p.add_argument("checkpoint", help="checkpoint.npz, the run directory holding it, or a tinyres.save state dict")
     p.add_argument("images", nargs="+", help="image files (any size; converted to RGB 32x32)")
-    p.add_argument("--depth", type=int, default=None, help="default: from config.json beside the checkpoint")
-    p.add_argument("--plain", action="store_true", default=None, help="a plain net (default: from config.json)")
-    p.add_argument("--shortcut", choices=["A", "B", "C"], type=str.upper, default=None)
-    p.add_argument("--mean", default=None, help="per-pixel mean .npy (default: mean.npy beside the checkpoint)")
+    p.add_argument("--depth", type=int, default=None, help="for a file that does not say which network it holds")
+    p.add_argument("--plain", action="store_true", default=None, help="a plain net (as --depth)")
+    p.add_argument("--shortcut", choices=["A", "B", "C"], type=str.upper, default=None, help="(as --depth)")
+    p.add_argument("--mean", default=None, help="per-pixel mean .npy, for a file that holds none")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--top", type=int, default=3, help="how many classes to print, 1 to 10 (%(default)s)")
     args = p.parse_args(argv)
@@ -90,25 +131,34 @@ def main(argv: list[str] | None = None) -> int:
 
     path = Path(args.checkpoint)
     run_dir, ckpt = (path, path / "checkpoint.npz") if path.is_dir() else (path.parent, path)
-    config = read_config(run_dir)
-    depth = args.depth if args.depth is not None else config.get("depth")
-    if depth is None:
-        raise cli.UsageError(f"no config.json in {run_dir}: give the network with --depth (and --plain / --shortcut)")
-    cli.check_depth(int(depth))
-    plain = args.plain if args.plain is not None else bool(config.get("plain", False))
-    shortcut = args.shortcut or str(config.get("shortcut", "A"))
-    mean_path = Path(args.mean) if args.mean else run_dir / "mean.npy"
-    if not mean_path.exists():
-        raise cli.UsageError(f"{mean_path} not found: the per-pixel mean of the training images is needed (--mean)")
+    state, saved, mean = read_checkpoint(ckpt)
+    source = str(ckpt)
+    if not saved and (run_dir / "config.json").exists():  # a checkpoint of an older run, or weights in a run dir
+        saved, source = read_config(run_dir), str(run_dir / "config.json")
+    depth, plain, shortcut = choose_network(saved, source, args.depth, args.plain, args.shortcut)
+    cli.check_depth(depth)
+    if args.mean is not None or mean is None:
+        mean_path = Path(args.mean) if args.mean else run_dir / "mean.npy"
+        if not mean_path.exists():
+            raise cli.UsageError(f"{ckpt} holds no per-pixel mean and {mean_path} does not exist: give the mean of "
+                                 "the training images with --mean")
+        mean = np.load(mean_path)
 
-    model = load_network(ckpt, int(depth), plain, shortcut).to(args.device)
-    images = np.stack([load_image(f) for f in args.images])
-    probs = predict(model, images, np.load(mean_path), args.device)
-    print(f"{model_name(int(depth), plain, shortcut)} from {ckpt}")
-    for name, pr in zip(args.images, probs):
-        top = np.argsort(pr)[::-1][:args.top]
-        print(f"{name}: " + "  ".join(f"{CLASSES[k]} {100 * pr[k]:.1f}%" for k in top))
-    return 0
+    model = load_network(ckpt, state, depth, plain, shortcut).to(args.device)
+    names, images = [], []
+    for name in args.images:
+        try:
+            images.append(load_image(name))
+            names.append(name)
+        except cli.UsageError as e:  # the other images still get their answer
+            print(f"predict.py: error: {e}", file=sys.stderr)
+    if images:
+        probs = predict(model, np.stack(images), mean, args.device)
+        print(f"{model_name(depth, plain, shortcut)} from {ckpt}")
+        for name, pr in zip(names, probs):
+            top = np.argsort(pr)[::-1][:args.top]
+            print(f"{name}: " + "  ".join(f"{CLASSES[k]} {100 * pr[k]:.1f}%" for k in top))
+    return 0 if len(images) == len(args.images) else 2
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@
     python examples/train_cifar.py --out runs/r110 --resume
 
 Ctrl-C saves a checkpoint; `--resume` continues exactly where the run stopped, with the settings
-saved in the run's config.json (flags given with --resume change them, e.g. --iters or --data).
+saved in the run's config.json. Flags given with --resume change them from there on and are recorded
+in config.json (e.g. --iters, --lr, --milestones, --data); those that would change the run's network,
+batches, split or warm-up (--depth, --plain, --shortcut, --batch-size, --seed, --val-split, --warmup)
+are refused.
 
     mpiexec -n 2 python examples/train_cifar.py --schedule short --out runs/r20-mpi2   # pip install -e '.[mpi]'
 
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -25,7 +30,7 @@ import cli
 
 from tinyres import distributed
 from tinyres.progress import hms
-from tinyres.run import LR_SCHEDULES
+from tinyres.run import LR_SCHEDULES, ResumeError
 from tinyres.train import (
     SCHEDULES,
     DivergenceError,
@@ -34,6 +39,7 @@ from tinyres.train import (
     error_targets,
     first_below,
     load_run_config,
+    model_name,
     schedule_preset,
     train,
 )
@@ -54,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "flags below override a schedule's settings")
     p.add_argument("--iters", type=int, default=None,
                    help="total iterations (overrides --schedule); the schedule's lr milestones scale with it, "
-                        "e.g. the paper's to 50%% and 75%% of the run, unless --milestones is given")
+                        "e.g. the paper's to 50%% and 75%% of the run, unless --milestones is given (with --resume "
+                        "the run's milestones are kept: those already passed cannot move)")
     p.add_argument("--milestones", type=int, nargs="*", default=None,
                    help="iterations at which the lr is divided by 10, at most --iters (overrides --schedule)")
     p.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=None,
@@ -140,7 +147,23 @@ def resume_config(parser: argparse.ArgumentParser, argv: list[str] | None, args:
     except (ValueError, TypeError) as e:
         raise cli.UsageError(f"{Path(args.out) / 'config.json'}: not a run config ({e}); repair it or choose "
                              "another --out") from e
+    refuse_fixed_changes(saved, changes, args.out)
     return dataclasses.replace(saved, **{**changes, "out": args.out, "resume": True})
+
+
+# what a resumed run keeps: its network, and what fixes its batches, its evaluation set and its kind of schedule
+KEPT_ON_RESUME = ("depth", "plain", "shortcut", "batch_size", "seed", "val_split", "warmup")
+
+
+def refuse_fixed_changes(saved: TrainConfig, changes: dict[str, Any], out: str) -> None:
+    """Raise UsageError, in one line, for a flag given with --resume that would change what a run keeps."""
+    changed = [f for f in KEPT_ON_RESUME if f in changes and changes[f] != getattr(saved, f)]
+    if changed:
+        flags = ", ".join(f"--{f.replace('_', '-')} ({getattr(saved, f)!r} in the run, {changes[f]!r} given)"
+                          for f in changed)
+        raise cli.UsageError(f"{flags}: {out} holds a run of {model_name(saved.depth, saved.plain, saved.shortcut)} "
+                             "that keeps its network, batch size, seed, validation split and warm-up when resumed; "
+                             "leave the flag out, or start a new run with another --out")
 
 
 def check_start(config: TrainConfig) -> None:
@@ -154,7 +177,7 @@ def check_start(config: TrainConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags, train, print the final error; exit status 130 after Ctrl-C, 1 on divergence."""
+    """Parse flags, train, print the final error; exit status 130 after Ctrl-C, 143 after SIGTERM, 1 on divergence."""
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.join_mpi_job()
@@ -170,10 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             result = train(config, data=data)
     except KeyboardInterrupt as e:
         print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports
     except DivergenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ResumeError as e:
+        raise cli.UsageError(str(e)) from e
     except OSError as e:  # the data is loaded: what fails now is reading or writing the run in --out
         raise cli.UsageError(f"--out {config.out}: {cli.describe(e)}") from e
     if "test_err" in result and distributed.get_rank() == 0:

@@ -9,7 +9,7 @@ import numpy as np
 from tinyres import distributed as dist
 from tinyres import models, nn, optim
 from tinyres.nn import init
-from tinyres.run import sgd_step
+from tinyres.run import train_step
 from tinyres.tensor import tensor
 
 STEPS = 3
@@ -74,7 +74,7 @@ def ranks(sync_bn: bool) -> dict[str, np.ndarray]:
     losses, grads = [], []
     for x, y in batches():
         xs, ys = np.split(x, k)[r], np.split(y, k)[r]
-        loss, _ = sgd_step(model, opt, tensor(xs), tensor(ys))
+        loss, _ = train_step(model, opt, tensor(xs), tensor(ys))
         losses.append(float(dist.all_reduce(np.array([float(loss)]))[0] / k))
         grads.append(grads_of(module))
     return record(module, losses, grads)

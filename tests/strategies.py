@@ -91,7 +91,9 @@ def matmul_shapes(draw) -> MatmulCase:
 # ---- geometries ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ConvGeometry:
+class ConvCase:
+    """The sizes of one conv2d test: input (n, c, h, w), kernel (oc, c, kh, kw), stride, padding."""
+
     n: int
     c: int
     oc: int
@@ -134,11 +136,13 @@ def conv_geometries(draw, max_batch: int = 3, max_channels: int = 4, max_side: i
     kw = draw(st.integers(1, min(max_kernel, w + 2 * pw)))
     stride = st.just(1) | st.integers(1, max_stride)  # stride 1 half the time: the most common, own code path
     sh, sw = draw(stride), draw(stride)
-    return ConvGeometry(n, c, oc, h, w, kh, kw, sh, sw, ph, pw)
+    return ConvCase(n, c, oc, h, w, kh, kw, sh, sw, ph, pw)
 
 
 @dataclass(frozen=True)
-class PoolGeometry:
+class PoolCase:
+    """The sizes of one pooling test: input (n, c, h, w), kernel, stride, padding."""
+
     n: int
     c: int
     h: int
@@ -164,7 +168,7 @@ def pool_geometries(draw, max_batch: int = 3, max_channels: int = 3, max_side: i
         kh, kw = min(kh, h + 2 * ph), min(kw, w + 2 * pw)
         ph, pw = min(ph, kh // 2), min(pw, kw // 2)
     stride = draw(st.none() | st.tuples(st.integers(1, max_stride), st.integers(1, max_stride)))
-    return PoolGeometry(n, c, h, w, (kh, kw), stride, (ph, pw))
+    return PoolCase(n, c, h, w, (kh, kw), stride, (ph, pw))
 
 
 @st.composite

@@ -72,16 +72,69 @@ def test_file_holds_plain_arrays_and_json_and_no_tmp_is_left(tmp_path):
     save_checkpoint(path, model, opt, sched, extra={"iteration": 1, "rng": rng.bit_generator.state})
     save_checkpoint(path, model, opt, sched, extra={"iteration": 1, "rng": rng.bit_generator.state})  # overwrite
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]
-    with np.load(path, allow_pickle=False) as z:
-        names = set(z.files)
-        meta = json.loads(z["meta"].tobytes().decode())
-    assert {f"model/{k}" for k in model.state_dict()} | {"optim/0/momentum_buffer", "meta"} <= names
-    assert meta["extra"]["iteration"] == 1
+    with np.load(path, allow_pickle=False) as z:  # plain arrays only: loading runs no code
+        assert "__tree__" in z.files and all(z[k].dtype != object for k in z.files)
 
     extra = load_checkpoint(path, tiny_net(1))
     restored = np.random.default_rng()
     restored.bit_generator.state = extra["rng"]  # 128-bit integers survive JSON
     assert restored.random() == rng.random()
+
+
+def test_a_checkpoint_is_what_tinyres_load_reads(tmp_path):
+    model, opt, sched = training_run(seed=0)
+    train(model, opt, sched, BATCHES[:2])
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, model, opt, sched, extra={"iteration": 2, "mean": np.ones((2, 2, 3), np.float32)})
+    ckpt = tinyres.load(path)  # as torch.load gives back a checkpoint dict
+    assert ckpt["format"] == "tinyres-checkpoint" and ckpt["version"] == 2
+    assert_same_state(ckpt["model"], model.state_dict())
+    assert ckpt["optimizer"]["type"] == "SGD" and list(ckpt["optimizer"]["state"]) == [0, 1, 2, 3, 4]
+    assert ckpt["scheduler"]["state"] == sched.state_dict() and ckpt["extra"]["iteration"] == 2
+    np.testing.assert_array_equal(ckpt["extra"]["mean"], np.ones((2, 2, 3)))
+    model2 = tiny_net(1)
+    model2.load_state_dict(ckpt["model"])
+    assert_same_state(model2.state_dict(), model.state_dict())
+
+
+def save_version_1(path, model, optimizer, scheduler, extra) -> None:
+    """A checkpoint as tinyres wrote it before the one format: arrays model/..., optim/... and a JSON meta."""
+    arrays = {f"model/{name}": a for name, a in model.state_dict().items()}
+    state = optimizer.state_dict()
+    for i, per_param in state["state"].items():
+        for name, a in per_param.items():
+            arrays[f"optim/{i}/{name}"] = a
+    meta = {"format": "tinyres-checkpoint", "version": 1, "extra": extra,
+            "optimizer": {"type": type(optimizer).__name__, "param_groups": state["param_groups"]},
+            "scheduler": {"type": type(scheduler).__name__, "state": scheduler.state_dict()}}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+def test_a_version_1_checkpoint_still_resumes_exactly(tmp_path):
+    model, opt, sched = training_run(seed=0)
+    train(model, opt, sched, BATCHES)
+    model2, opt2, sched2 = training_run(seed=0)
+    train(model2, opt2, sched2, BATCHES[:3])
+    path = tmp_path / "old.npz"
+    save_version_1(path, model2, opt2, sched2, extra={"iteration": 3})
+    assert tinyres.load(path)["extra"] == {"iteration": 3}
+    model3, opt3, sched3 = training_run(seed=1)
+    assert load_checkpoint(path, model3, opt3, sched3) == {"iteration": 3}
+    train(model3, opt3, sched3, BATCHES[3:])
+    assert_same_state(model3.state_dict(), model.state_dict())
+
+
+def test_a_saved_state_dict_loads_a_model_but_not_an_optimizer(tmp_path):
+    model, opt, _ = training_run(seed=0)
+    path = tmp_path / "weights.npz"
+    tinyres.save(model.state_dict(), path)
+    other = tiny_net(1)
+    assert load_checkpoint(path, other) == {}
+    assert_same_state(other.state_dict(), model.state_dict())
+    with pytest.raises(CheckpointError, match=r"weights.npz: not a training checkpoint but a file of tinyres.save "
+                                              r"holding a state dict of 7 arrays; read it with tinyres.load"):
+        load_checkpoint(path, other, opt)
 
 
 def test_extra_must_be_json(tmp_path):
@@ -111,11 +164,10 @@ def test_a_crash_while_writing_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
 
 def rewrite(src, dst, change) -> None:
-    """Copy checkpoint `src` to `dst` with `change(arrays)` applied to its arrays."""
-    with np.load(src, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    change(arrays)
-    np.savez(dst, **arrays)
+    """Copy checkpoint `src` to `dst` with `change(checkpoint)` applied to the dict `tinyres.load` gives."""
+    ckpt = tinyres.load(src)
+    change(ckpt)
+    tinyres.save(ckpt, dst)
 
 
 @pytest.fixture
@@ -141,19 +193,19 @@ def check_refused(path, match: str) -> None:
 
 def test_missing_tensor_is_refused(saved, tmp_path):
     bad = tmp_path / "bad.npz"
-    rewrite(saved, bad, lambda a: a.pop("model/5.bias"))
+    rewrite(saved, bad, lambda c: c["model"].pop("5.bias"))
     check_refused(bad, r"missing: 5\.bias \(3,\)")
 
 
 def test_misshaped_tensor_is_refused(saved, tmp_path):
     bad = tmp_path / "bad.npz"
-    rewrite(saved, bad, lambda a: a.update({"model/0.weight": np.zeros((4, 3, 5, 5), dtype=np.float32)}))
+    rewrite(saved, bad, lambda c: c["model"].update({"0.weight": np.zeros((4, 3, 5, 5), dtype=np.float32)}))
     check_refused(bad, r"0\.weight expected \(4, 3, 3, 3\), got \(4, 3, 5, 5\)")
 
 
 def test_misshaped_optimizer_state_is_refused_before_the_model_is_touched(saved, tmp_path):
     bad = tmp_path / "bad.npz"
-    rewrite(saved, bad, lambda a: a.update({"optim/3/momentum_buffer": np.zeros(7, dtype=np.float32)}))
+    rewrite(saved, bad, lambda c: c["optimizer"]["state"][3].update({"momentum_buffer": np.zeros(7, np.float32)}))
     check_refused(bad, r"optimizer state 3/momentum_buffer: expected shape \(3, 4\), got \(7,\)")
 
 
@@ -176,12 +228,7 @@ def test_corrupted_bytes_are_refused(saved, tmp_path):
 def test_missing_metadata_key_is_named(saved, tmp_path):
     bad = tmp_path / "bad.npz"
 
-    def drop_optimizer_type(arrays):
-        meta = json.loads(arrays["meta"].tobytes())
-        del meta["optimizer"]["type"]
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-
-    rewrite(saved, bad, drop_optimizer_type)
+    rewrite(saved, bad, lambda c: c["optimizer"].pop("type"))
     check_refused(bad, "metadata has no 'type'")
 
 
@@ -219,5 +266,7 @@ def test_save_and_load_state_dicts_round_trip(tmp_path):
 def test_save_refuses_objects_and_load_refuses_other_files(tmp_path, saved):
     with pytest.raises(TypeError, match="cannot store a object"):
         tinyres.save({"bad": object()}, tmp_path / "x.npz")
-    with pytest.raises(CheckpointError, match="not a file written by tinyres.save"):
-        tinyres.load(saved)
+    other = tmp_path / "other.npz"
+    np.savez(other, x=np.zeros(3))
+    with pytest.raises(CheckpointError, match="other.npz: not a file written by tinyres.save or a training run"):
+        tinyres.load(other)

@@ -94,6 +94,25 @@ def test_plot_curves_writes_figure_6(tmp_path, capsys):
     assert len(plot_curves.load_run(dirs[0])["rows"]) == 20
 
 
+def test_plot_curves_tells_two_runs_of_one_net_apart_and_draws_no_empty_panel(tmp_path):
+    plot_curves = example("plot_curves")
+    first, second, other = tmp_path / "r20-seed0", tmp_path / "r20-seed1", tmp_path / "r56"
+    write_run(first, 20, False)
+    write_run(second, 20, False)
+    write_run(other, 56, False)
+    fig = plot_curves.figure_6([first, second, other])
+    assert len(fig.axes) == 1  # ResNets only: no "no runs" panel for the plain nets
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["ResNet-20 (r20-seed0)", "ResNet-20 (r20-seed1)", "ResNet-56"]
+    colors = [line.get_color() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert len(set(colors)) == 3
+    plain = tmp_path / "plain20"
+    write_run(plain, 20, True)
+    assert [a.get_title() for a in plot_curves.figure_6([plain, first]).axes] == \
+        ["plain networks", "residual networks (ResNets)"]
+
+
 def test_layer_responses_are_the_bn_outputs_of_3x3_convs():
     import tinyres
     from tinyres.data import to_float
@@ -143,16 +162,54 @@ def test_predict_prints_top_3_classes(tmp_path, trained_runs, capsys):
     assert len(lines) == 3
 
 
-def test_predict_needs_the_network(tmp_path, trained_runs, capsys):
+def test_predict_needs_nothing_but_a_runs_checkpoint(tmp_path, trained_runs, capsys):
     predict = example("predict")
-    ckpt = tmp_path / "alone.npz"
+    ckpt = tmp_path / "alone.npz"  # no config.json or mean.npy beside it
     ckpt.write_bytes((trained_runs["resnet8"] / "checkpoint.npz").read_bytes())
     image = tmp_path / "x.png"
     Image.new("RGB", (32, 32)).save(image)
-    with pytest.raises(UsageError, match="--depth"):
-        predict.main([str(ckpt), str(image)])
-    mean = str(trained_runs["resnet8"] / "mean.npy")
-    assert predict.main([str(ckpt), str(image), "--depth", "8", "--mean", mean]) == 0
+    assert predict.main([str(ckpt), str(image)]) == 0
+    assert capsys.readouterr().out.startswith(f"ResNet-8 from {ckpt}")
+    assert predict.main([str(ckpt), str(image), "--depth", "8"]) == 0  # repeating what it holds is fine
+
+
+def test_predict_refuses_flags_that_contradict_the_checkpoint(tmp_path, trained_runs):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    ckpt = trained_runs["resnet8"] / "checkpoint.npz"
+    line = assert_usage_error(run_script("predict", ckpt, image, "--plain"), "--plain", str(ckpt), "ResNet-8")
+    assert "leave out the network flags" in line
+    assert_usage_error(run_script("predict", ckpt, image, "--depth", "20", "--shortcut", "B"),
+                       "--depth 20 --shortcut B", "ResNet-8")
+
+
+def test_predict_reads_a_saved_state_dict_with_the_network_given(tmp_path, trained_runs, capsys):
+    import tinyres
+
+    predict = example("predict")
+    weights = tmp_path / "weights.npz"
+    tinyres.save(tinyres.load(trained_runs["plain8"] / "checkpoint.npz")["model"], weights)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    with pytest.raises(UsageError, match="does not say which network it holds.*--depth"):
+        predict.main([str(weights), str(image)])
+    with pytest.raises(UsageError, match="holds no per-pixel mean.*--mean"):
+        predict.main([str(weights), str(image), "--depth", "8", "--plain"])
+    mean = str(trained_runs["plain8"] / "mean.npy")
+    assert predict.main([str(weights), str(image), "--depth", "8", "--plain", "--mean", mean]) == 0
+    assert capsys.readouterr().out.startswith("plain-8 from")
+    with pytest.raises(UsageError, match=r"do not fit ResNet-20: missing: layer1\.1\.conv1\.weight .* \.\.\.$"):
+        predict.main([str(weights), str(image), "--depth", "20", "--mean", mean])
+
+
+def test_predict_answers_the_good_images_when_one_is_bad(tmp_path, trained_runs):
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.new("RGB", (32, 32)).save(good)
+    bad.write_text("not an image")
+    done = run_script("predict", trained_runs["resnet8"], bad, good)
+    assert done.returncode == 2
+    assert f"{bad}: not an image" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.stdout.splitlines()[1].startswith(f"{good}: ")
 
 
 # ---- reproduce ---------------------------------------------------------------------------
@@ -205,13 +262,13 @@ def test_torch_reference_trains_on_the_same_batches(image_folder, capsys):
 
 @pytest.mark.parametrize("schedule", [["--schedule", "fast", "--iters", "40"], ["--schedule", "short"],
                                       ["--schedule", "fast", "--iters", "50", "--lr", "0.3"]])
-def test_torch_reference_steps_pytorchs_scheduler_as_tinyres_steps_its_own(schedule):
+def test_pytorchs_schedulers_made_from_a_recipe_step_as_tinyres_s(schedule):
     torch = pytest.importorskip("torch")
     ref = example("torch_reference")
     cfg = ref.recipe(ref.build_parser().parse_args(schedule))
     opt_t = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr, momentum=cfg.momentum,
                             nesterov=cfg.nesterov)
-    sched_t = ref.torch_scheduler(torch, opt_t, cfg)
+    sched_t = tinyres.run.make_scheduler(opt_t, cfg, torch.optim.lr_scheduler)
     opt = tinyres.optim.SGD([tinyres.nn.Parameter(tinyres.zeros(1))], lr=cfg.lr, momentum=cfg.momentum,
                             nesterov=cfg.nesterov)
     sched = tinyres.run.make_scheduler(opt, cfg)
@@ -287,6 +344,27 @@ def test_train_cifar_resume_takes_the_saved_config(tmp_path):
     assert (c.iters, c.milestones, c.eval_every) == (64000, (32000, 48000), 50)
 
 
+def test_train_cifar_refuses_resume_flags_that_would_change_the_run(tmp_path):
+    train_cifar = example("train_cifar")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(TrainConfig(depth=20, out=str(out)).to_dict()))
+
+    def resumed(*flags: str) -> TrainConfig:
+        parser = train_cifar.build_parser()
+        argv = ["--out", str(out), "--resume", *flags]
+        return train_cifar.resume_config(parser, argv, parser.parse_args(argv))
+
+    for flags, named in ((["--depth", "32"], "--depth (20 in the run, 32 given)"),
+                         (["--plain", "--batch-size", "64"], "--plain (False in the run, True given), --batch-size"),
+                         (["--warmup", "on"], "--warmup (None in the run, True given)")):
+        with pytest.raises(UsageError, match=re.escape(named) + ".*ResNet-20.*another --out"):
+            resumed(*flags)
+    assert resumed("--depth", "20", "--lr", "0.05").lr == 0.05  # repeating the saved depth is fine
+    done = run_script("train_cifar", "--out", out, "--resume", "--depth", "32")
+    assert_usage_error(done, "--depth (20 in the run, 32 given)")
+
+
 def test_train_cifar_ctrl_c_saves_and_resume_finishes(tmp_path, image_folder):
     out = tmp_path / "run"
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
@@ -310,6 +388,21 @@ def test_train_cifar_ctrl_c_saves_and_resume_finishes(tmp_path, image_folder):
     assert done.returncode == 0, done.stderr
     assert f"resuming {out / 'checkpoint.npz'} at iteration {it}" in done.stderr
     assert f"ResNet-8: {it + 2} iterations" in done.stdout
+
+
+def test_train_cifar_sigterm_saves_and_exits_143(tmp_path, image_folder):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(EXAMPLES / "train_cifar.py"), "--depth", "8", "--data", str(image_folder),
+           "--batch-size", "8", "--eval-every", "3", "--iters", "100000", "--milestones", "--out", str(out)]
+    child = subprocess.Popen(cmd, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while child.poll() is None and not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143, err  # 128 + SIGTERM, as a shell reports a process ended by it
+    assert "SIGTERM: interrupted at iteration" in err and f"checkpoint saved to {out / 'checkpoint.npz'}" in err
 
 
 # ---- ordinary mistakes: one line on stderr, exit status 2, nothing left behind ------------

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import conv2d_reference, pool2d_reference
 from strategies import (
-    ConvGeometry,
+    ConvCase,
     arrays,
     batch_norm_shapes,
     conv_geometries,
@@ -24,43 +25,9 @@ from strategies import (
 
 import tinyres
 import tinyres.nn.functional as F
-from tinyres import gradcheck
+from tinyres import gradcheck, nn
 
-# ---- reference implementations: explicit loops over output positions (float64) ----------------
-
-
-def conv2d_ref(x, w, b=None, stride=(1, 1), padding=(0, 0)):
-    (sh, sw), (ph, pw) = stride, padding
-    n, c, h, wd = x.shape
-    oc, _, kh, kw = w.shape
-    xpad = np.zeros((n, c, h + 2 * ph, wd + 2 * pw))
-    xpad[:, :, ph:ph + h, pw:pw + wd] = x
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
-    y = np.zeros((n, oc, oh, ow))
-    for i in range(n):
-        for o in range(oc):
-            for r in range(oh):
-                for s in range(ow):
-                    window = xpad[i, :, r * sh:r * sh + kh, s * sw:s * sw + kw]
-                    y[i, o, r, s] = np.sum(window * w[o]) + (0.0 if b is None else b[o])
-    return y
-
-
-def pool2d_ref(x, kernel, stride, padding, reduce):
-    (kh, kw), (ph, pw) = kernel, padding
-    sh, sw = stride if stride is not None else kernel
-    n, c, h, w = x.shape
-    fill = -np.inf if reduce is np.max else 0.0  # average pooling counts the zero padding, as PyTorch
-    xpad = np.full((n, c, h + 2 * ph, w + 2 * pw), fill)
-    xpad[:, :, ph:ph + h, pw:pw + w] = x
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    y = np.zeros((n, c, oh, ow))
-    for i in range(n):
-        for ch in range(c):
-            for r in range(oh):
-                for s in range(ow):
-                    y[i, ch, r, s] = reduce(xpad[i, ch, r * sh:r * sh + kh, s * sw:s * sw + kw])
-    return y
+# ---- reference implementations (float64) ---------------------------------------------------
 
 
 def batch_stats_ref(x):
@@ -105,7 +72,7 @@ def test_conv2d_forward_matches_reference_loops(device, data, g, bias):
     w = data.draw(random_arrays(g.weight_shape), label="w")
     b = data.draw(random_arrays((g.oc,)), label="b") if bias else None
     y = F.conv2d(leaf(x, device), leaf(w, device), None if b is None else leaf(b, device), g.stride, g.padding)
-    expected = conv2d_ref(x, w, b, g.stride, g.padding)
+    expected = conv2d_reference(x, w, b, g.stride, g.padding)
     assert y.shape == expected.shape
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-10, atol=1e-12)
 
@@ -121,21 +88,21 @@ def test_conv2d_gradient(device, data, g, bias):
     assert gradcheck(lambda *t: F.conv2d(*t, stride=g.stride, padding=g.padding), inputs)
 
 
-RESNET_GEOMETRIES = {  # the convolutions of a CIFAR ResNet, shrunk; plus padding wider than the kernel
-    "3x3-s1-p1": ConvGeometry(2, 3, 4, 6, 6, 3, 3, 1, 1, 1, 1),
-    "3x3-s2-p1": ConvGeometry(2, 3, 4, 7, 6, 3, 3, 2, 2, 1, 1),
-    "1x1-s2-p0": ConvGeometry(3, 4, 2, 5, 6, 1, 1, 2, 2, 0, 0),
-    "1x1-s1-p2": ConvGeometry(1, 2, 3, 3, 4, 1, 1, 1, 1, 2, 2),
-    "3x2-s1-p(0,2)": ConvGeometry(1, 2, 2, 4, 3, 3, 2, 1, 1, 0, 2),
+RESNET_CONVS = {  # the convolutions of a CIFAR ResNet, shrunk; plus padding wider than the kernel
+    "3x3-s1-p1": ConvCase(2, 3, 4, 6, 6, 3, 3, 1, 1, 1, 1),
+    "3x3-s2-p1": ConvCase(2, 3, 4, 7, 6, 3, 3, 2, 2, 1, 1),
+    "1x1-s2-p0": ConvCase(3, 4, 2, 5, 6, 1, 1, 2, 2, 0, 0),
+    "1x1-s1-p2": ConvCase(1, 2, 3, 3, 4, 1, 1, 1, 1, 2, 2),
+    "3x2-s1-p(0,2)": ConvCase(1, 2, 2, 4, 3, 3, 2, 1, 1, 0, 2),
 }
 
 
-@pytest.mark.parametrize("g", list(RESNET_GEOMETRIES.values()), ids=list(RESNET_GEOMETRIES))
+@pytest.mark.parametrize("g", list(RESNET_CONVS.values()), ids=list(RESNET_CONVS))
 def test_conv2d_resnet_geometries(device, g):
     rng = np.random.default_rng(3)
     x, w, b = rng.standard_normal(g.input_shape), rng.standard_normal(g.weight_shape), rng.standard_normal(g.oc)
     y = F.conv2d(leaf(x, device), leaf(w, device), leaf(b, device), g.stride, g.padding)
-    np.testing.assert_allclose(y.numpy(), conv2d_ref(x, w, b, g.stride, g.padding), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(y.numpy(), conv2d_reference(x, w, b, g.stride, g.padding), rtol=1e-10, atol=1e-12)
     assert gradcheck(lambda *t: F.conv2d(*t, stride=g.stride, padding=g.padding),
                      [leaf(x, device), leaf(w, device), leaf(b, device)])
 
@@ -144,7 +111,7 @@ def test_conv2d_int_stride_padding_and_partial_grads(device):
     rng = np.random.default_rng(0)
     x, w, b = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((2, 3, 3, 2)), rng.standard_normal(2)
     y = F.conv2d(leaf(x, device), leaf(w, device), leaf(b, device), stride=2, padding=1)
-    np.testing.assert_allclose(y.numpy(), conv2d_ref(x, w, b, (2, 2), (1, 1)), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(y.numpy(), conv2d_reference(x, w, b, (2, 2), (1, 1)), rtol=1e-10, atol=1e-12)
     # only some inputs need a gradient: the others are constants
     frozen_w = leaf(w, device, requires_grad=False)
     assert gradcheck(lambda t: F.conv2d(t, frozen_w, stride=1, padding=2), [leaf(x, device)])
@@ -301,7 +268,7 @@ def test_batch_norm_running_stats_update_like_pytorch(device, xp, shape, buffers
 def test_max_pool2d_forward_and_gradient(device, data, g):
     x = data.draw(distinct_arrays(g.input_shape), label="x")  # window values differ by > 1e-3: no ties
     y = F.max_pool2d(leaf(x, device), g.kernel, g.stride, g.padding)
-    np.testing.assert_array_equal(y.numpy(), pool2d_ref(x, g.kernel, g.stride, g.padding, np.max))
+    np.testing.assert_array_equal(y.numpy(), pool2d_reference(x, g.kernel, g.stride, g.padding, np.max))
     assert gradcheck(lambda t: F.max_pool2d(t, g.kernel, g.stride, g.padding), [leaf(x, device)])
 
 
@@ -310,7 +277,7 @@ def test_max_pool2d_forward_and_gradient(device, data, g):
 def test_avg_pool2d_forward_and_gradient(device, data, g):
     x = data.draw(arrays(g.input_shape), label="x")
     y = F.avg_pool2d(leaf(x, device), g.kernel, g.stride, g.padding)
-    np.testing.assert_allclose(y.numpy(), pool2d_ref(x, g.kernel, g.stride, g.padding, np.mean),
+    np.testing.assert_allclose(y.numpy(), pool2d_reference(x, g.kernel, g.stride, g.padding, np.mean),
                                rtol=1e-12, atol=1e-14)
     assert gradcheck(lambda t: F.avg_pool2d(t, g.kernel, g.stride, g.padding), [leaf(x, device)])
 
@@ -318,9 +285,9 @@ def test_avg_pool2d_forward_and_gradient(device, data, g):
 def test_pool2d_int_arguments(device):
     x = np.random.default_rng(2).permutation(36).reshape(1, 1, 6, 6) / 10.0
     y = F.max_pool2d(leaf(x, device), 2)
-    np.testing.assert_array_equal(y.numpy(), pool2d_ref(x, (2, 2), None, (0, 0), np.max))
+    np.testing.assert_array_equal(y.numpy(), pool2d_reference(x, (2, 2), None, (0, 0), np.max))
     y = F.avg_pool2d(leaf(x, device), 3, stride=2, padding=1)
-    np.testing.assert_allclose(y.numpy(), pool2d_ref(x, (3, 3), (2, 2), (1, 1), np.mean), rtol=1e-12)
+    np.testing.assert_allclose(y.numpy(), pool2d_reference(x, (3, 3), (2, 2), (1, 1), np.mean), rtol=1e-12)
 
 
 @with_fixtures
@@ -369,6 +336,41 @@ def test_cross_entropy_value_and_gradient(device, data, n, k, xp):
     assert F.cross_entropy(leaf(x, device), target.tolist()).item() == pytest.approx(expected, rel=1e-12)
     assert gradcheck(lambda t: F.cross_entropy(t, xp.asarray(target)), [leaf(x, device)])
     assert gradcheck(lambda t: F.cross_entropy(t, leaf(target, device, requires_grad=False)), [leaf(x, device)])
+
+
+@with_fixtures
+@given(data=st.data(), n=st.integers(1, 5), k=st.integers(2, 6), eps=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+       reduction=st.sampled_from(["mean", "sum", "none"]))
+def test_cross_entropy_label_smoothing_and_reduction(device, data, n, k, eps, reduction, xp):
+    x = data.draw(arrays((n, k), -5, 5), label="logits")
+    target = np.array(data.draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n), label="target"))
+    q = (1 - eps) * np.eye(k)[target] + eps / k  # PyTorch's smoothed target distribution
+    per_sample = -(q * log_softmax_ref(x, 1)).sum(axis=1)
+    expected = {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}[reduction]
+    loss = F.cross_entropy(leaf(x, device), xp.asarray(target), reduction=reduction, label_smoothing=eps)
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert gradcheck(lambda t: F.cross_entropy(t, xp.asarray(target), reduction, eps), [leaf(x, device)])
+    module = nn.CrossEntropyLoss(reduction=reduction, label_smoothing=eps)
+    np.testing.assert_allclose(module(leaf(x, device), xp.asarray(target)).numpy(), expected, rtol=1e-12)
+
+
+def test_cross_entropy_settings_are_checked(device):
+    x, t = tinyres.zeros(2, 3, device=device), np.array([0, 1])
+    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none', got 'avg'"):
+        F.cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\], got 1.5"):
+        F.cross_entropy(x, t, label_smoothing=1.5)
+
+
+def test_integer_input_to_a_layer_is_a_sentence(device):
+    images = tinyres.tensor(np.zeros((2, 3, 8, 8), np.uint8), device=device)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 2)).to(device)
+    with pytest.raises(TypeError, match=r"conv2d: input must be float32 or float64, got uint8 with shape "
+                                        r"\(2, 3, 8, 8\); convert it with \.float\(\) \(images: x\.float\(\) / 255"):
+        model(images)
+    with pytest.raises(TypeError, match=r"linear: input must be float32 or float64, got int64 with shape \(2, 4\)"):
+        F.linear(tinyres.tensor(np.ones((2, 4), np.int64), device=device), tinyres.ones(3, 4, device=device))
+    assert model(images.float() / 255).shape == (2, 2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -227,6 +227,12 @@ def test_render_svg_and_png(tmp_path):
 
 
 @needs_dot
+def test_render_makes_the_folder_it_writes_into(tmp_path):
+    render("digraph { a -> b }", tmp_path / "graphs" / "new" / "ab.svg")
+    assert "<svg" in (tmp_path / "graphs" / "new" / "ab.svg").read_text()
+
+
+@needs_dot
 def test_render_draws_escaped_labels(tmp_path):
     render(to_dot(Quoted()(tinyres.tensor([1.0], requires_grad=True))), tmp_path / "quoted.svg")
     svg = (tmp_path / "quoted.svg").read_text()
@@ -262,10 +268,9 @@ def test_render_without_graphviz_says_to_install_it(tmp_path):
 def test_readme_code_draws_the_pictures_in_the_repository(tmp_path):
     section = (ROOT / "README.md").read_text().split("### The graph behind a tensor")[1]
     code = section.split("```python\n")[1].split("```")[0]
-    (tmp_path / "examples/results/graph").mkdir(parents=True)
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                   check=True)
+                   check=True)  # in a fresh folder: the code makes graphs/ itself
     for name in ("block-forward.svg", "block-backward.svg"):
         drawn, kept = (re.findall(r"<text[^>]*>([^<]*)</text>", (folder / name).read_text())
-                       for folder in (tmp_path / "examples/results/graph", ROOT / "examples/results/graph"))
+                       for folder in (tmp_path / "graphs", ROOT / "examples/results/graph"))
         assert sorted(drawn) == sorted(kept) and "layer2.0.conv2.weight" in drawn

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from reference import conv2d_reference
 
 import tinyres
 from tinyres import kernels
@@ -27,20 +28,6 @@ def threads():
 
 def channels_last(a):
     return a.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)
-
-
-def conv_reference(x, W, stride, pad):
-    """Direct loops over the kernel offsets, in float64."""
-    n, _, h, w = x.shape
-    oc, _, kh, kw = W.shape
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    oh, ow = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
-    y = np.zeros((n, oc, oh, ow))
-    for p in range(kh):
-        for q in range(kw):
-            patch = xp[:, :, p:p + stride * (oh - 1) + 1:stride, q:q + stride * (ow - 1) + 1:stride]
-            y += np.einsum("nchw,oc->nohw", patch, W[:, :, p, q].astype(np.float64))
-    return y
 
 
 def conv_step(x, W, gamma, beta, stride):
@@ -90,7 +77,7 @@ def test_chunked_threaded_convolution_matches_direct_loops(threads, stride, pad,
     threads(2)
     x, W = make_inputs(n=7, hw=9)[:2]
     y = kernels.conv2d_forward(x, W, (stride, stride), (pad, pad))
-    np.testing.assert_allclose(y, conv_reference(x, W, stride, pad), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, conv2d_reference(x, W, None, (stride, stride), (pad, pad)), rtol=1e-4, atol=1e-4)
     assert y.transpose(0, 2, 3, 1).flags.c_contiguous  # an NCHW view of channels-last memory
 
 
@@ -171,20 +158,31 @@ def test_a_gradient_broadcast_from_a_reduction_does_not_spread_c_order(threads):
 
 def test_parallel_for_covers_the_range_in_order_and_waits_for_every_part(threads):
     threads(3)
-    assert kernels.parallel_for(lambda lo, hi, part: (lo, hi, part), 10) == [(0, 3, 0), (3, 6, 1), (6, 10, 2)]
-    assert kernels.parallel_for(lambda lo, hi, part: (lo, hi), 2) == [(0, 1), (1, 2)]  # fewer items than threads
+    assert kernels.parallel_for(lambda lo, hi: (lo, hi), 10) == [(0, 3), (3, 6), (6, 10)]
+    assert kernels.parallel_for(lambda lo, hi: (lo, hi), 2) == [(0, 1), (1, 2)]  # fewer items than threads
     # a nested call runs serially inside its part instead of waiting on a busy pool
-    nested = kernels.parallel_for(lambda lo, hi, part: kernels.parallel_for(lambda a, b, p: (a, b), hi - lo), 6)
+    nested = kernels.parallel_for(lambda lo, hi: kernels.parallel_for(lambda a, b: (a, b), hi - lo), 6)
     assert nested == [[(0, 2)], [(0, 2)], [(0, 2)]]
     done = []
 
-    def fail_first(lo, hi, part):
-        if part == 0:
-            raise RuntimeError("part 0 failed")
-        done.append(part)
-    with pytest.raises(RuntimeError, match="part 0 failed"):
+    def fail_first(lo, hi):
+        if lo == 0:
+            raise RuntimeError("the first part failed")
+        done.append(lo)
+    with pytest.raises(RuntimeError, match="the first part failed"):
         kernels.parallel_for(fail_first, 9)
-    assert sorted(done) == [1, 2]
+    assert sorted(done) == [3, 6]
+
+
+def test_set_num_threads_drops_the_scratch_buffers_of_the_threads_it_ends(threads):
+    threads(2)
+    x, W = np.ones((4, 3, 8, 8), np.float32), np.ones((5, 3, 3, 3), np.float32)
+    kernels.conv2d_forward(x, W, (1, 1), (1, 1))
+    assert len({thread for thread, *_ in kernels.threads._scratch}) >= 1
+    threads(3)
+    assert not kernels.threads._scratch
+    kernels.conv2d_forward(x, W, (1, 1), (1, 1))  # and makes them again on demand
+    assert kernels.threads._scratch
 
 
 def test_set_num_threads_checks_its_argument(threads):

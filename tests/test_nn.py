@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from reference import conv2d_reference
 
 import tinyres
 from tinyres import nn
@@ -189,25 +190,11 @@ def test_load_state_dict_non_strict_reports_keys_but_still_refuses_wrong_shapes(
 
 # ---- layers -------------------------------------------------------------------------------
 
-def conv2d_by_loops(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, padding: int) -> np.ndarray:
-    """A convolution written out position by position in float64: the definition, independent of im2col."""
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    k = w.shape[2]
-    oh = (xp.shape[2] - k) // stride + 1
-    ow = (xp.shape[3] - k) // stride + 1
-    y = np.empty((x.shape[0], w.shape[0], oh, ow))
-    for i in range(oh):
-        for j in range(ow):
-            patch = xp[:, :, i * stride:i * stride + k, j * stride:j * stride + k]
-            y[:, :, i, j] = np.einsum("nchw,ochw->no", patch, w.astype(np.float64)) + b
-    return y
-
-
 def test_layers_compute_their_definitions(device):
     x = images(device=device)
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1).to(device)
     nn.init.uniform_(conv.bias, -1, 1)  # a non-zero bias, so that adding it is checked too
-    expected = conv2d_by_loops(x.numpy(), conv.weight.numpy(), conv.bias.numpy(), stride=2, padding=1)
+    expected = conv2d_reference(x.numpy(), conv.weight.numpy(), conv.bias.numpy(), (2, 2), (1, 1))
     np.testing.assert_allclose(conv(x).numpy(), expected, rtol=1e-5, atol=1e-5)
     assert conv(x).shape == (4, 5, 3, 3)
     assert nn.MaxPool2d(2)(x).shape == (4, 3, 3, 3)
@@ -321,3 +308,93 @@ def test_forward_hooks_can_replace_inputs_and_outputs():
     pre.remove()
     post.remove()
     np.testing.assert_array_equal(relu(x).numpy(), [0.0, 2.0])
+
+
+def test_module_list_and_dict_register_their_modules():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+            self.heads = nn.ModuleDict({"cls": nn.Linear(4, 2), "box": nn.Linear(4, 4)})
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = F.relu(block(x))
+            return self.heads["cls"](x)
+
+    net = Net()
+    assert len(list(net.parameters())) == 10 and "blocks.2.weight" in net.state_dict()
+    assert "heads.box.bias" in dict(net.named_parameters())
+    assert net(tinyres.randn(5, 4)).shape == (5, 2)
+    blocks = net.blocks
+    assert len(blocks) == 3 and blocks[-1] is blocks[2] and len(blocks[1:]) == 2
+    blocks.append(nn.Linear(4, 4)).extend([nn.ReLU()])
+    blocks[0] = nn.Identity()
+    assert len(blocks) == 5 and isinstance(blocks[0], nn.Identity)
+    with pytest.raises(IndexError, match="ModuleList index 5 out of range for 5 modules"):
+        blocks[5]
+    with pytest.raises(TypeError, match="ModuleList holds Modules, not int"):
+        blocks.append(3)
+    with pytest.raises(NotImplementedError, match="ModuleList has no forward"):
+        blocks(tinyres.randn(1, 4))
+    heads = net.heads
+    assert list(heads) == ["cls", "box"] and "box" in heads and len(heads) == 2
+    assert [k for k, _ in heads.items()] == list(heads.keys())
+    del heads["box"]
+    assert "heads.box.weight" not in net.state_dict()
+
+
+def test_requires_grad_and_zero_grad_on_a_module():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    model[0].requires_grad_(False)  # freeze the first layer
+    model(tinyres.randn(4, 3)).sum().backward()
+    assert model[0].weight.grad is None and model[1].weight.grad is not None
+    model.zero_grad(set_to_none=False)
+    assert model[1].weight.grad is not None and not model[1].weight.grad.numpy().any()
+    model.zero_grad()
+    assert model[1].weight.grad is None
+
+
+@pytest.mark.parametrize("name, advice", [("Dropout", "He et al. \\(2015\\) do not use it"),
+                                          ("MSELoss", "\\(\\(output - target\\) \\*\\* 2\\).mean\\(\\)"),
+                                          ("DataParallel", "multi-device training is left out")])
+def test_left_out_layers_say_what_to_use_instead(name, advice):
+    with pytest.raises(AttributeError, match=f"tinyres.nn has no {name}: .*{advice}"):
+        getattr(nn, name)
+    with pytest.raises(AttributeError, match="module 'tinyres.nn' has no attribute 'Nonsense'"):
+        nn.Nonsense  # noqa: B018
+
+
+def test_module_dtype_conversion_add_module_and_register_parameter():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    model.add_module("head", nn.Linear(2, 1))
+    model.register_parameter("scale", nn.Parameter(np.ones(1, np.float32)))
+    assert "head.weight" in model.state_dict() and "scale" in model.state_dict()
+    weight = model[0].weight
+    assert model.to(tinyres.float64) is model and weight.dtype == np.float64 and weight is model[0].weight
+    assert model[1].running_mean.dtype == np.float64
+    assert model.float()[0].weight.dtype == np.float32 and model.double().head.bias.dtype == np.float64
+    with pytest.raises(TypeError, match="register_parameter: 'w' must be a Parameter, got Tensor"):
+        model.register_parameter("w", tinyres.zeros(1))
+    with pytest.raises(TypeError, match="parameters must stay floating point, got int64"):
+        model.to(tinyres.int64)
+
+
+def test_nll_loss_of_log_softmax_is_cross_entropy():
+    x = tinyres.tensor(np.random.default_rng(0).standard_normal((4, 5)), requires_grad=True)
+    y = np.array([0, 3, 4, 1])
+    for reduction in ("mean", "sum", "none"):
+        np.testing.assert_allclose(F.nll_loss(F.log_softmax(x, 1), y, reduction=reduction).numpy(),
+                                   F.cross_entropy(x, y, reduction=reduction).numpy(), rtol=1e-12)
+    assert tinyres.gradcheck(lambda t: F.nll_loss(F.log_softmax(t, 1), y), [x])
+    with pytest.raises(AttributeError, match="tinyres.nn.functional has no dropout: the networks of He et al."):
+        F.dropout  # noqa: B018
+
+
+def test_left_out_optimizers_and_parameter_groups_say_what_to_use_instead():
+    model = nn.Linear(2, 1)
+    with pytest.raises(AttributeError, match=r"tinyres.optim has no Adam: .*optim.SGD\(model.parameters\(\)"):
+        tinyres.optim.Adam  # noqa: B018
+    opt = tinyres.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="SGD.add_param_group: parameter groups are left out"):
+        opt.add_param_group({"params": [nn.Parameter(np.zeros(1, np.float32))]})

@@ -97,6 +97,23 @@ def test_sgd_rejects_bad_settings():
         optim.SGD([scalar_param(0.0)], lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="empty"):
         optim.SGD([], lr=0.1)
+    with pytest.raises(ValueError, match=r"SGD: momentum must be below 1 .* got momentum 1.5"):
+        optim.SGD([scalar_param(0.0)], lr=0.1, momentum=1.5)
+    with pytest.raises(ValueError, match="dampening 2"):
+        optim.SGD([scalar_param(0.0)], lr=0.1, momentum=0.9, dampening=2)
+
+
+def test_zero_grad_sets_to_none_or_zeroes_in_place():
+    p = scalar_param(1.0)
+    opt = optim.SGD([p], lr=0.1)
+    (p * 3).sum().backward()
+    grad = p.grad
+    opt.zero_grad(set_to_none=False)
+    assert p.grad is grad and p.grad.item() == 0
+    opt.zero_grad(set_to_none=True)
+    assert p.grad is None
+    opt.zero_grad(set_to_none=False)  # no gradient yet: nothing to zero
+    assert p.grad is None
 
 
 def test_momentum_buffers_follow_the_parameters_to_another_device(device, xp):

@@ -113,10 +113,14 @@ def test_sum_mean_gradient(device, op, data, shape, numpy_names):
 def test_max_gradient(device, data, shape):
     dim, keepdim = data.draw(reduction_args(shape), label="dim, keepdim")
     x = data.draw(distinct_arrays(shape), label="x")  # no ties: max is differentiable there
-    y = leaf(x, device).max(dim, keepdim)
+    y = leaf(x, device).amax(dim, keepdim)
     assert np.array_equal(y.numpy(), np.max(x, axis=dim, keepdims=keepdim))
-    assert gradcheck(lambda t: t.max(dim=dim, keepdim=keepdim), [leaf(x, device)])
+    assert gradcheck(lambda t: t.amax(dim=dim, keepdim=keepdim), [leaf(x, device)])
     assert gradcheck(lambda t: tinyres.amax(t, axis=dim, keepdims=keepdim), [leaf(x, device)])
+    assert gradcheck(lambda t: tinyres.amin(t, dim, keepdim), [leaf(x, device)])
+    if isinstance(dim, int):  # max over one dim gives (values, indices), as in PyTorch
+        assert gradcheck(lambda t: t.max(dim, keepdim).values, [leaf(x, device)])
+        assert gradcheck(lambda t: t.min(dim, keepdim)[0], [leaf(x, device)])
 
 
 def test_max_ties_share_the_gradient(device):
@@ -492,7 +496,7 @@ TENSOR_OPS = {
     "matmul-1d": lambda a, b: a[0] @ b.T,
     "sum": lambda a, b: a.sum(0) + b.sum(),
     "mean": lambda a, b: a.mean(1, keepdim=True) + b.mean(),
-    "max": lambda a, b: a.max(0) + b.max(),
+    "max": lambda a, b: a.max(0).values + b.max() + a.amin(1, keepdim=True),
     "reshape": lambda a, b: a.reshape(-1) + b.reshape(6),
     "permute": lambda a, b: a.permute(1, 0) + b.T,
     "getitem": lambda a, b: a[:, ::-2] + b[[0, 0], 1:],
@@ -563,7 +567,7 @@ def test_non_contiguous_operands(device, xp):
     b = tinyres.Tensor(xp.asarray(rng.standard_normal((3, 8)))[:, ::2], requires_grad=True)  # strided
     assert not a.data.flags.c_contiguous and not b.data.flags.c_contiguous
     assert gradcheck(lambda s, t: (s * t).exp() / (t * t + 1) - s, [a, b])
-    assert gradcheck(lambda s, t: (s @ t.T).sum(0) + s.max(1), [a, b])
+    assert gradcheck(lambda s, t: (s @ t.T).sum(0) + s.amax(1), [a, b])
     assert gradcheck(lambda s, t: tinyres.cat([s, t], 1)[:, ::-1].reshape(-1), [a, b])
 
 
@@ -696,3 +700,121 @@ def test_tensor_keeps_the_data_on_its_device(device, xp):
     a = xp.asarray(np.ones(3, np.float32))
     assert tensor(a).device == device
     assert tensor(a, device="cpu").device == "cpu"
+
+
+# ---- the PyTorch names a training script types ---------------------------------------------
+
+def test_max_and_min_over_a_dim_give_values_and_indices(device):
+    out = tensor([[1.0, 5.0, 2.0], [7.0, 0.0, 3.0]], device=device)
+    _, pred = out.max(1)  # the accuracy line of PyTorch scripts
+    assert pred.tolist() == [1, 0] and pred.dtype == np.int64
+    values, indices = tinyres.max(out, dim=0)
+    assert values.tolist() == [7, 5, 3] and indices.tolist() == [1, 0, 1]
+    low = out.min(dim=1, keepdim=True)
+    assert low.values.shape == (2, 1) and low.indices.tolist() == [[0], [1]]
+    assert out.max().item() == 7 and out.min().item() == 0  # without dim: one tensor
+    assert out.argmin(1).tolist() == [0, 1]
+    with pytest.raises(TypeError, match="amax"):
+        out.max((0, 1))
+    with pytest.raises(TypeError, match="elementwise max"):
+        tinyres.max(out, out)
+
+
+def test_a_batch_of_two_unpacks_into_values_and_indices_not_rows(device):
+    out = tensor([[0.0, 9.0], [3.0, 1.0]], device=device)
+    first, second = out.max(1)
+    assert first.tolist() == [9, 3] and second.tolist() == [1, 0]
+
+
+def test_equality_gives_boolean_tensors_that_count(device):
+    pred, y = tensor([1, 2, 3], device=device), tensor([1, 0, 3], device=device)
+    assert (pred == y).tolist() == [True, False, True] and (pred != y).sum().item() == 1
+    assert pred.eq(y).sum().item() == 2 and (pred == 3).tolist() == [False, False, True]
+    assert len({pred, y}) == 2  # hashed by identity
+    with pytest.raises(RuntimeError, match=r"ambiguous: use \(\.\.\.\)\.all\(\)"):
+        bool(pred == y)
+    assert bool(tensor([2.0]) > 1) and (pred == y).any().item() and not (pred == y).all().item()
+
+
+def test_unsqueeze_squeeze_t_clone_view_as(device):
+    x = leaf(np.arange(6.0).reshape(2, 3), device)
+    assert x.unsqueeze(0).shape == (1, 2, 3) and x.unsqueeze(-1).shape == (2, 3, 1)
+    assert x.unsqueeze(1).squeeze().shape == (2, 3) and x.unsqueeze(1).squeeze(1).shape == (2, 3)
+    assert x.squeeze(0).shape == (2, 3) and x.t().shape == (3, 2) and tinyres.unsqueeze(x, 2).shape == (2, 3, 1)
+    assert x.view_as(tensor(np.zeros((3, 2)))).shape == (3, 2) and x.contiguous() is x
+    with pytest.raises(ValueError, match=r"unsqueeze: dim 3 out of range for a tensor of shape \(2, 3\)"):
+        x.unsqueeze(3)
+    with pytest.raises(ValueError, match="t: expects a tensor of at most 2 dims"):
+        x.unsqueeze(0).t()
+    c = x.clone()
+    assert c.data is not x.data and np.array_equal(c.numpy(), x.numpy())
+    assert gradcheck(lambda a: a.clone().unsqueeze(1).squeeze(1).t() * a.t(), [x])
+
+
+def test_dtypes_arange_and_grad_modes(device):
+    x = tensor([1.0, 2.0], device=device)
+    assert x.to(tinyres.float64).dtype == np.float64 and x.dtype == tinyres.float32 == tinyres.float
+    assert x.long().dtype == tinyres.int64 == tinyres.long and x.double().dtype == tinyres.double
+    assert tinyres.zeros(2, dtype=tinyres.float64).dtype == np.float64
+    assert tinyres.arange(4).tolist() == [0, 1, 2, 3] and tinyres.arange(4).dtype == np.int64
+    assert tinyres.arange(1, 2, 0.5, device=device).tolist() == [1.0, 1.5]
+    assert tinyres.arange(3).dtype == tinyres.long and tinyres.device("cuda:0") == "cuda"
+    assert isinstance(tinyres.cuda.is_available(), bool) and x.is_cuda == (device == "cuda")
+    w = tensor([1.0], requires_grad=True)
+    with tinyres.no_grad():
+        assert not (w * 2).requires_grad
+        with tinyres.enable_grad():
+            assert (w * 2).requires_grad
+    with tinyres.inference_mode():
+        assert not (w * 2).requires_grad
+    with tinyres.set_grad_enabled(False):
+        assert not tinyres.is_grad_enabled()
+
+    @tinyres.no_grad()
+    def f(t):
+        return t * 2
+    assert not f(w).requires_grad and tinyres.is_grad_enabled()
+
+
+def test_left_out_methods_say_what_to_use_instead(device):
+    x = tensor([1.0, 2.0], device=device)
+    with pytest.raises(AttributeError, match="in-place ops are left out.*x = x \\+ y"):
+        x.add_(1)
+    with pytest.raises(AttributeError, match="hooks on tensors are left out"):
+        x.register_hook(print)
+    with pytest.raises(AttributeError, match="'Tensor' object has no attribute 'sqrt': not an op of tinyres"):
+        x.sqrt()
+    with pytest.raises(AttributeError, match="^'Tensor' object has no attribute 'nonsense'$"):
+        x.nonsense  # noqa: B018
+    assert not hasattr(x, "nonsense")
+
+
+def test_topk_expand_and_more_factories(device):
+    x = leaf(np.array([[1.0, 5.0, 2.0, 7.0], [7.0, 0.0, 3.0, 1.0]]), device)
+    values, indices = x.topk(2, dim=1)
+    assert values.tolist() == [[7, 5], [7, 3]] and indices.tolist() == [[3, 1], [0, 2]]
+    assert tinyres.topk(x, 1, dim=0, largest=False).indices.tolist() == [[0, 1, 0, 1]]
+    assert gradcheck(lambda t: t.topk(3, 1).values, [x])
+    with pytest.raises(ValueError, match=r"topk: k=5 out of range for dim 1 of a tensor of shape \(2, 4\)"):
+        x.topk(5, 1)
+    row = leaf(np.array([1.0, 2.0]), device)
+    assert row.expand(3, -1).shape == (3, 2) and row.unsqueeze(1).expand_as(x[:, :3]).shape == (2, 3)
+    assert gradcheck(lambda t: t.expand(3, 2) * 2, [row])
+    with pytest.raises(ValueError, match=r"expand: shape \(2,\) cannot be broadcast to \(3,\)"):
+        row.expand(3)
+    tinyres.manual_seed(1)
+    assert tinyres.randint(0, 10, (5,), device=device).dtype == np.int64
+    assert 0 <= tinyres.randint(3, size=(4,)).numpy().min() and tinyres.randint(3, size=(4,)).numpy().max() < 3
+    r = tinyres.rand(2, 3, device=device)
+    assert r.shape == (2, 3) and r.dtype == np.float32 and 0 <= r.numpy().min() and r.numpy().max() < 1
+    assert tinyres.full((2,), 0.5).tolist() == [0.5, 0.5] and tinyres.full((1,), 3).dtype == np.int64
+    assert tinyres.empty(2, 3).shape == (2, 3)
+
+
+def test_left_out_top_level_names_say_what_to_use_instead():
+    with pytest.raises(AttributeError, match="tinyres has no backends: there is no cuDNN to configure"):
+        tinyres.backends  # noqa: B018
+    with pytest.raises(AttributeError, match=r"tinyres has no utils: .*tinyres.data.DataLoader"):
+        tinyres.utils  # noqa: B018
+    with pytest.raises(AttributeError, match="module 'tinyres' has no attribute 'nonsense'"):
+        tinyres.nonsense  # noqa: B018

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -236,6 +237,43 @@ def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, tiny_data, options):
     assert_same_logs(tmp_path / "broken", tmp_path / "whole")
 
 
+def test_sigterm_saves_before_a_due_evaluation_and_the_resumed_run_makes_it(tmp_path, tiny_data):
+    options = {"iters": 8, "eval_every": 4, "log_every": 2, "checkpoint_every": 100}
+    whole = tiny_config(tmp_path / "whole", **options)
+    train(whole, data=tiny_data)
+
+    def send_sigterm(it: int, loss: float) -> None:
+        if it == 4:  # an evaluation is due after this iteration
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    broken = tiny_config(tmp_path / "broken", **options)
+    with pytest.raises(tinyres.run.Interrupted, match="SIGTERM: interrupted at iteration 4") as info:
+        train(broken, data=tiny_data, on_iteration=send_sigterm)
+    assert info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    assert read_metrics(tmp_path / "broken") == []  # saved without evaluating first
+    assert tinyres.load(tmp_path / "broken" / "checkpoint.npz")["extra"]["eval_pending"]
+
+    train(tiny_config(tmp_path / "broken", resume=True, **options), data=tiny_data)
+    assert_same_state(final_state(tmp_path / "broken", broken), final_state(tmp_path / "whole", whole))
+    assert_same_logs(tmp_path / "broken", tmp_path / "whole")
+
+
+def test_a_run_stopped_at_its_end_makes_its_last_evaluation_on_resume(tmp_path, tiny_data):
+    def send_sigterm(it: int, loss: float) -> None:
+        if it == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = tiny_config(tmp_path / "run", iters=4, eval_every=2, checkpoint_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, data=tiny_data, on_iteration=send_sigterm)
+    assert [r["iter"] for r in read_metrics(tmp_path / "run")] == [2]
+    result = train(dataclasses.replace(config, resume=True), data=tiny_data)
+    assert [r["iter"] for r in result["history"]] == [2, 4]
+    train(dataclasses.replace(config, resume=True), data=tiny_data)  # nothing left to do: no second row
+    assert [r["iter"] for r in read_metrics(tmp_path / "run")] == [2, 4]
+
+
 def assert_same_logs(run: Path, reference: Path) -> None:
     """The evaluations and the dense training curve of two runs agree row for row (but for wall time)."""
     for read in (read_metrics, read_train_log):
@@ -253,6 +291,55 @@ def test_deep_nets_warm_up(tmp_path, tiny_data):
     rows = train(tiny_config(tmp_path / "r8w", iters=4, eval_every=1, warmup=True, warmup_iters=2,
                              warmup_error=0.0), data=tiny_data)["history"]
     assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.01, 0.1, 0.1])
+
+
+def test_settings_changed_on_resume_apply_and_are_recorded(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    train(tiny_config(run, iters=4, eval_every=2, checkpoint_every=4, lr=0.1), data=tiny_data)
+    result = train(tiny_config(run, iters=8, eval_every=2, checkpoint_every=4, lr=0.05, milestones=(6,),
+                               momentum=0.8, weight_decay=5e-4, resume=True), data=tiny_data)
+    assert [r["lr"] for r in result["history"]] == pytest.approx([0.1, 0.1, 0.05, 0.005])
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["iters"], saved["lr"], saved["milestones"], saved["momentum"]) == (8, 0.05, [6], 0.8)
+    group = tinyres.load(run / "checkpoint.npz")["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"]) == (0.8, 5e-4)
+
+
+def test_a_onecycle_schedule_changed_on_resume_is_built_anew_at_the_iteration(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    options = {"lr_schedule": "onecycle", "milestones": (), "log_every": 1, "eval_every": 100, "checkpoint_every": 4}
+    train(tiny_config(run, iters=4, lr=0.4, **options), data=tiny_data)
+    train(tiny_config(run, iters=10, lr=0.2, resume=True, **options), data=tiny_data)
+    opt = tinyres.optim.SGD(build_model(8).parameters(), lr=0.2, momentum=0.9)
+    reference = tinyres.optim.OneCycleLR(opt, max_lr=0.2, total_steps=10, pct_start=0.3, max_momentum=0.9)
+    expected = []
+    for _ in range(10):
+        expected.append(opt.lr)
+        reference.step()
+    assert [r["lr"] for r in read_train_log(run)][4:] == pytest.approx(expected[4:], rel=1e-12)
+    assert json.loads((run / "config.json").read_text())["iters"] == 10
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_a_non_finite_loss_stops_before_the_update_and_resume_works(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    reached = []
+    config = tiny_config(run, iters=9, lr=300, checkpoint_every=4, log_every=100, eval_every=100)
+    with pytest.raises(DivergenceError, match=r"the loss is nan; this step's update was not made at iteration 7; "
+                                              r"the last good checkpoint is .*checkpoint.npz \(iteration 4\)"):
+        train(config, data=tiny_data, on_iteration=lambda it, loss: reached.append(it))
+    assert reached == [1, 2, 3, 4, 5, 6]  # it stopped at the first NaN, not at the end of a log window
+    result = train(dataclasses.replace(config, lr=1e-9, resume=True), data=tiny_data)  # from iteration 4
+    assert result["iterations"] == 9 and np.isfinite(result["train_loss"])
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_a_loss_grown_far_beyond_its_start_is_named(tmp_path, tiny_data, capsys):
+    train(tiny_config(tmp_path / "run", iters=6, lr=50, log_every=2, eval_every=100), data=tiny_data)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1  # said once
+    assert re.search(r"\[ResNet-8\] warning: the training loss is \S+ at iteration \d, \S+ times its start "
+                     r"\(2\.\d+\): training is diverging; a lower learning rate \(--lr\) may help", warnings[0])
 
 
 def test_one_cycle_run_follows_onecycle_lr_and_cycles_the_momentum(tmp_path, tiny_data):
@@ -293,6 +380,31 @@ def test_the_first_evaluation_below_each_target_error_is_marked_once(tmp_path, t
     below_10 = [r["iter"] for r in rows if r["test_err"] < 0.10]
     assert marked[1:] == ([(below_10[0], [0.10])] if below_10 else [])
     assert tinyres.train.first_below(rows, 0.999) is rows[0] and tinyres.train.first_below(rows, -1.0) is None
+
+
+def test_a_run_saved_before_the_schedule_settings_existed_resumes_unchanged(tmp_path, tiny_data, capsys):
+    """A checkpoint whose config lacks lr_schedule, nesterov, ... resumes as the paper's schedule, with no change."""
+    whole = tiny_config(tmp_path / "whole")
+    train(whole, data=tiny_data)
+
+    def press_ctrl_c(it: int, loss: float) -> None:
+        if it == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "old"), data=tiny_data, on_iteration=press_ctrl_c)
+    newer = ("lr_schedule", "pct_start", "anneal_strategy", "div_factor", "final_div_factor", "cycle_momentum",
+             "base_momentum", "nesterov")
+    path = tmp_path / "old" / "checkpoint.npz"
+    ckpt = tinyres.load(path)
+    ckpt["extra"]["config"] = {k: v for k, v in ckpt["extra"]["config"].items() if k not in newer}
+    tinyres.save(ckpt, path)
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    (tmp_path / "old" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in newer}))
+    capsys.readouterr()
+    train(tiny_config(tmp_path / "old", resume=True, progress=True), data=tiny_data)
+    assert "changed on resume" not in capsys.readouterr().err
+    assert_same_state(final_state(tmp_path / "old", whole), final_state(tmp_path / "whole", whole))
 
 
 def test_resume_refuses_another_network(tmp_path, tiny_data):
@@ -431,12 +543,9 @@ def test_a_checkpoint_without_a_key_is_a_clear_error(tmp_path, tiny_data):
     run = tmp_path / "run"
     train(tiny_config(run, iters=4, checkpoint_every=100), data=tiny_data)
     path = run / "checkpoint.npz"
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(arrays["meta"].tobytes())
-    del meta["extra"]["smooth_err"]
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    np.savez(path, **arrays)
+    ckpt = tinyres.load(path)
+    del ckpt["extra"]["smooth_err"]
+    tinyres.save(ckpt, path)
     with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: .*'smooth_err'"):
         train(tiny_config(run, iters=8, resume=True), data=tiny_data)
 
@@ -445,8 +554,6 @@ def test_losses_are_read_from_the_device_once_per_log_window(tmp_path, tiny_data
     config = tiny_config(tmp_path / "run", log_every=4, eval_every=100, checkpoint_every=100)
     run = Run(config, build_model(8), "ResNet-8")
     run.prepare(tiny_data)
-    run.progress = Progress(config.iters, enabled=False)
-    run.t_start = time.perf_counter()
     batches = run.loader.stream()
     for it in range(1, 5):
         x, y = next(batches)
@@ -563,6 +670,22 @@ def test_progress_lines_in_a_log_and_a_bar_on_a_terminal():
     if p.tty and importlib.util.find_spec("tqdm"):  # a tqdm bar, redrawn in place
         assert "10/100" in text and "\r" in text and "train err 80.00%" in text
     assert "evaluation 1\n" in text
+
+
+def test_the_last_progress_line_shows_the_last_windows_statistics(tmp_path, tiny_data, capsys):
+    log = io.StringIO()
+    p = Progress(20, stream=log)
+    p.set_stats(0.1, 2.0, 0.8)
+    for it in range(1, 21):
+        p.update(it)
+    p.set_stats(0.01, 1.5, 0.5)  # the trainer logs the last window after the last update
+    p.close()
+    assert log.getvalue().splitlines()[-1].startswith("iter 20/20  lr 0.01  loss 1.5000  train err 50.00%")
+
+    train(tiny_config(tmp_path / "run", iters=12, log_every=6, progress=True), data=tiny_data)
+    last = [line for line in capsys.readouterr().err.splitlines() if line.startswith("iter 12/12")]
+    row = read_train_log(tmp_path / "run")[-1]
+    assert len(last) == 1 and f"lr {row['lr']:.4g}  loss {row['train_loss']:.4f}" in last[0]
 
 
 def test_eta_leaves_out_the_time_spent_evaluating():

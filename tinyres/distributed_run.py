@@ -13,6 +13,7 @@ on one rank is shared with all of them every iteration, in one small all-reduce.
 from __future__ import annotations
 
 import dataclasses
+import signal
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,10 @@ class _Unwritten(RunDir):
     def append(self, path: Any, row: dict[str, Any]) -> None:
         pass
 
-    def roll_back(self, iteration: int) -> None:
+    def write_config(self, config: dict[str, Any]) -> None:
+        pass
+
+    def roll_back(self, iteration: int, evaluated: bool = True) -> None:
         pass
 
     def save_checkpoint(self, save: Any) -> None:
@@ -71,11 +75,12 @@ class DistributedRun(Run):
 
     def log_save_or_stop(self, stop: StopRequest) -> None:
         """As one process, on what the ranks agree: a stop request or a checkpoint due on any rank."""
-        flags = np.array([stop.signal_name is not None, super()._checkpoint_due()], dtype=np.int64)
+        flags = np.array([stop.signum if stop.signal_name else 0, super()._checkpoint_due()], dtype=np.int64)
         dist.all_reduce(flags, dist.ReduceOp.MAX)
         agreed = StopRequest()  # not `stop`: a signal may set it now, after the ranks agreed
         if flags[0]:
-            agreed.signal_name = stop.signal_name or "a stop request to another rank"
+            agreed.signum = int(flags[0])
+            agreed.signal_name = stop.signal_name or f"{signal.Signals(agreed.signum).name} to another rank"
         self.checkpoint_due = bool(flags[1])
         super().log_save_or_stop(agreed)
 
@@ -93,8 +98,11 @@ class DistributedRun(Run):
             self.pending = [(lr, loss, err) for (lr, _, _), (loss, err) in zip(self.pending, values)]
         super().read_pending()
 
-    def evaluate(self) -> tuple[float, float]:
-        """Loss and error on the evaluation images, each rank evaluating a part of them."""
+    def evaluate(self, should_stop: Any = None) -> tuple[float, float]:
+        """Loss and error on the evaluation images, each rank evaluating a part of them.
+
+        A stop request waits for the end of it (`should_stop` is not asked): the ranks would have
+        to agree on it after every batch."""
         model: Module = self.model
         if isinstance(model, DistributedDataParallel):
             model.sync_buffers()  # with per-rank batch norm, every rank evaluates with rank 0's statistics

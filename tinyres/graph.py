@@ -58,7 +58,7 @@ def to_dot(t: Tensor, model: Module | None = None, backward: bool = False) -> st
 
 
 def render(dot: str, path: str | os.PathLike) -> None:
-    """Write DOT text `dot` as a picture to `path` (.svg or .png) with Graphviz's `dot` program."""
+    """Write DOT text `dot` as a picture to `path` (.svg or .png; its folder made if needed) with Graphviz's `dot`."""
     path = Path(path)
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -72,6 +72,7 @@ def render(dot: str, path: str | os.PathLike) -> None:
         message = done.stderr.decode("utf-8", "replace").strip()
         raise RuntimeError(f"render: 'dot -T{fmt}' failed with exit code {done.returncode} "
                            f"drawing {path}: {message}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(path, done.stdout)
 
 

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from .backend import device_of, to_device
+from .kernels import output_size
 from .nn import functional as F
 from .nn.layers import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Linear, MaxPool2d, ReLU
 from .nn.modules import Module, Sequential
@@ -241,7 +242,7 @@ def _conv_shape_and_macs(conv: Conv2d, shape: tuple[int, ...]) -> tuple[tuple[in
     if c != conv.in_channels:
         raise ValueError(f"summary: {conv!r} got an input with {c} channels, shape {shape}")
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    out = (n, conv.out_channels, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+    out = (n, conv.out_channels, output_size(h, kh, sh, ph), output_size(w, kw, sw, pw))
     return out, int(np.prod(out)) * c * kh * kw
 
 

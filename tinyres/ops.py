@@ -9,13 +9,29 @@ attached to `Tensor` as its operators and methods.
 from __future__ import annotations
 
 import builtins
+from typing import NamedTuple
 
 import numpy as np
 
 from . import kernels
-from .backend import normalize_device, to_device
-from .shape_ops import cat, concatenate, flatten, getitem, pad, permute, reshape, stack, transpose
-from .tensor import Function, Tensor, _GradMode, as_tensor
+from .backend import get_array_module, normalize_device, to_device
+from .shape_ops import (
+    cat,
+    clone,
+    concatenate,
+    expand,
+    flatten,
+    getitem,
+    pad,
+    permute,
+    reshape,
+    squeeze,
+    stack,
+    t,
+    transpose,
+    unsqueeze,
+)
+from .tensor import Function, Tensor, as_tensor
 
 # ---- elementwise -------------------------------------------------------------------------
 
@@ -265,17 +281,76 @@ def amax(x, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Ten
     return Max(*_reduce_axes(x, dim, axis, keepdim, keepdims, "max"))(x)
 
 
-max = amax
+def amin(x, dim=None, keepdim: bool = False, *, axis=None, keepdims=None) -> Tensor:
+    """Minimum values over `dim` (as `torch.amin`): the maximum of -x, negated."""
+    return neg(amax(neg(x), dim, keepdim, axis=axis, keepdims=keepdims))
+
+
+class ValuesIndices(NamedTuple):
+    """What `max(x, dim)` and `min(x, dim)` return, as PyTorch's `torch.return_types.max`."""
+
+    values: Tensor
+    indices: Tensor
+
+
+def _max_or_min(op: str, x, dim, keepdim: bool) -> Tensor | ValuesIndices:
+    x = as_tensor(x)
+    if isinstance(dim, Tensor):
+        raise TypeError(f"{op}(input, other), the elementwise {op}imum of two tensors, is not an op of tinyres; "
+                        f"for the {op} over a dim pass an int: {op}(x, dim)")
+    if dim is None:
+        return amax(x) if op == "max" else amin(x)
+    if not isinstance(dim, (int, np.integer)):
+        raise TypeError(f"{op}: dim must be an int, got {dim!r}; use a{op}(x, dim) for the {op} over several dims")
+    values = amax(x, dim, keepdim) if op == "max" else amin(x, dim, keepdim)
+    return ValuesIndices(values, argmax(x, dim, keepdim) if op == "max" else argmin(x, dim, keepdim))
+
+
+def max(x, dim=None, keepdim: bool = False) -> Tensor | ValuesIndices:
+    """The largest value (no `dim`), or, as PyTorch, `(values, indices)` of the largest along the int `dim`."""
+    return _max_or_min("max", x, dim, keepdim)
+
+
+def min(x, dim=None, keepdim: bool = False) -> Tensor | ValuesIndices:
+    """The smallest value (no `dim`), or, as PyTorch, `(values, indices)` of the smallest along the int `dim`."""
+    return _max_or_min("min", x, dim, keepdim)
+
+
+def _arg_reduce(op: str, x, dim, keepdim: bool) -> Tensor:
+    x = as_tensor(x)
+    find = x.data.argmax if op == "argmax" else x.data.argmin
+    if dim is None:
+        return Tensor(find())
+    axes, _ = _reduce_axes(x, dim, None, keepdim, None, op)
+    i = find(axis=axes[0])
+    return Tensor(i.reshape(_keepdim_shape(x.shape, axes)) if keepdim else i)
 
 
 def argmax(x, dim: int | None = None, keepdim: bool = False) -> Tensor:
     """Indices of the maximum values over `dim` (of the flattened tensor by default); not differentiable."""
+    return _arg_reduce("argmax", x, dim, keepdim)
+
+
+def argmin(x, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """Indices of the minimum values over `dim` (of the flattened tensor by default); not differentiable."""
+    return _arg_reduce("argmin", x, dim, keepdim)
+
+
+def topk(x, k: int, dim: int = -1, largest: bool = True, sorted: bool = True) -> ValuesIndices:
+    """The `k` largest (or smallest) values along `dim` and their indices, as `torch.topk`: always in order
+    (largest first), ties in index order; the values are differentiable."""
     x = as_tensor(x)
-    if dim is None:
-        return Tensor(x.data.argmax())
-    axes, _ = _reduce_axes(x, dim, None, keepdim, None, "argmax")
-    i = x.data.argmax(axis=axes[0])
-    return Tensor(i.reshape(_keepdim_shape(x.shape, axes)) if keepdim else i)
+    (d,), _ = _reduce_axes(x, dim, None, False, None, "topk")
+    if not 0 <= k <= x.shape[d]:
+        raise ValueError(f"topk: k={k} out of range for dim {dim} of a tensor of shape {x.shape}")
+    xp = get_array_module(x.data)
+    stable = {"kind": "stable"} if xp is np else {}  # CuPy's sort is always stable and takes no other kind
+    order = xp.argsort(-x.data if largest else x.data, axis=d, **stable)
+    indices = xp.take(order, xp.arange(k), axis=d)
+    # index arrays that pick indices[..., j, ...] along d and keep every other position
+    grid = [xp.arange(n).reshape([-1 if i == a else 1 for i in range(x.ndim)]) for a, n in enumerate(indices.shape)]
+    grid[d] = indices
+    return ValuesIndices(getitem(x, tuple(grid)), Tensor(indices))
 
 
 # ---- device and dtype --------------------------------------------------------------------
@@ -286,12 +361,8 @@ class ToDevice(Function):
 
     def __call__(self, x):
         # forward crosses devices, so Function's same-device check does not apply
-        self.src = x.device
-        out = Tensor(to_device(x.data, self.device))
-        self.needs_input_grad = (x.requires_grad,)
-        if _GradMode.enabled and x.requires_grad:
-            out.requires_grad, out.grad_fn, self.inputs = True, self, (x,)
-        return out
+        self.src, self.needs_input_grad = x.device, (x.requires_grad,)
+        return self._output(to_device(x.data, self.device), (x,))
 
     def backward(self, gy):
         return to_device(gy, self.src)
@@ -350,6 +421,48 @@ def _comparison(op):
     return lambda self, other: Tensor(op(self.data, other.data if isinstance(other, Tensor) else other))
 
 
+def _truth(self: Tensor) -> bool:
+    # as PyTorch: `if a == b:` on many elements is a mistake, not a question with an answer
+    if self.numel() != 1:
+        raise RuntimeError(f"the truth value of a tensor of shape {self.shape} is ambiguous: "
+                           "use (...).all() or (...).any(), or .item() on a one-element tensor")
+    return bool(self.item())
+
+
+# PyTorch methods a training script may reach for that tinyres leaves out, and what to use instead
+_IN_PLACE = ("in-place ops are left out (they would need PyTorch's version counters): write x = x {} y, "
+             "or change x.data, the array, where no gradient is involved")
+LEFT_OUT_METHODS = {
+    **{f"{name}_": _IN_PLACE.format(sign) for name, sign in
+       (("add", "+"), ("sub", "-"), ("mul", "*"), ("div", "/"), ("pow", "**"))},
+    **dict.fromkeys(("clamp_", "copy_", "fill_", "normal_", "uniform_", "relu_", "exp_", "log_", "sqrt_"),
+                    "in-place ops are left out: on a parameter, use tinyres.nn.init (e.g. init.normal_) or "
+                    "assign to .data, the array"),
+    "register_hook": "hooks on tensors are left out: use Module.register_forward_hook, or read .grad after "
+                     "backward()",
+    "retain_grad": "only leaves get a .grad: make the tensor a leaf (x = x.detach().requires_grad_())",
+    "type": "use .to(dtype), .float(), .double() or .long()",
+    "repeat": "use tinyres.cat([x] * n, dim)",
+    "data_ptr": "use .data, the NumPy or CuPy array, and its own attributes",
+    "storage": "use .data, the NumPy or CuPy array",
+    "pin_memory": "there is nothing to pin: a tensor moves to the GPU with .to('cuda')",
+    "share_memory_": "multi-process training is left out",
+}
+_LEFT_OUT_FUNCTIONS = ("abs", "sqrt", "sigmoid", "tanh", "clamp", "clip", "sin", "cos", "std", "var", "norm",
+                       "prod", "cumsum", "sort", "gather", "scatter", "where", "masked_fill", "split",
+                       "chunk", "roll", "flip")
+LEFT_OUT_METHODS.update(dict.fromkeys(
+    _LEFT_OUT_FUNCTIONS, "not an op of tinyres, which has the ops the paper's networks need (see tinyres.ops); "
+                         "compute it on .numpy() where no gradient is needed"))
+
+
+def _missing_attribute(self: Tensor, name: str):
+    # only called when normal lookup fails
+    if name in LEFT_OUT_METHODS:
+        raise AttributeError(f"'Tensor' object has no attribute {name!r}: {LEFT_OUT_METHODS[name]}")
+    raise AttributeError(f"'Tensor' object has no attribute {name!r}")
+
+
 def _install_tensor_methods() -> None:
     """Give Tensor its arithmetic operators and op methods, now that the ops exist."""
     T = Tensor
@@ -363,21 +476,35 @@ def _install_tensor_methods() -> None:
     # comparisons give plain (non-differentiable) boolean tensors
     T.__lt__, T.__le__ = _comparison(np.less), _comparison(np.less_equal)
     T.__gt__, T.__ge__ = _comparison(np.greater), _comparison(np.greater_equal)
-    for f in (exp, log, relu, softmax, log_softmax, sum, mean, amax, argmax, reshape, flatten, transpose, permute,
-              matmul, to):
+    T.__eq__, T.__ne__ = _comparison(np.equal), _comparison(np.not_equal)
+    T.__hash__ = object.__hash__  # tensors are hashed by identity, as in PyTorch
+    T.__bool__ = _truth
+    T.eq, T.ne, T.lt, T.le, T.gt, T.ge = T.__eq__, T.__ne__, T.__lt__, T.__le__, T.__gt__, T.__ge__
+    T.__getattr__ = _missing_attribute
+    for f in (exp, log, relu, softmax, log_softmax, sum, mean, amax, amin, argmax, argmin, max, min, reshape,
+              flatten, transpose, permute, unsqueeze, squeeze, clone, t, expand, topk, matmul, to):
         setattr(T, f.__name__, f)
-    T.max = amax
     T.view = reshape
+    T.view_as = lambda self, other: reshape(self, other.shape)
+    T.expand_as = lambda self, other: expand(self, other.shape)
+    T.contiguous = lambda self: self  # every op accepts any memory layout
     T.T = property(lambda self: permute(self, *reversed(range(self.ndim))))
+    T.is_cuda = property(lambda self: self.device == "cuda")
     T.cpu = lambda self: to(self, "cpu")
     T.cuda = lambda self: to(self, "cuda")
     T.float = lambda self: to(self, dtype=np.float32)
     T.double = lambda self: to(self, dtype=np.float64)
+    T.long = lambda self: to(self, dtype=np.int64)
+    T.int = lambda self: to(self, dtype=np.int32)
+    T.bool = lambda self: to(self, dtype=np.bool_)
+    T.all = lambda self: Tensor(self.data.all())
+    T.any = lambda self: Tensor(self.data.any())
 
 
 _install_tensor_methods()
 
 __all__ = ["Add", "Cast", "Div", "Exp", "Log", "LogSoftmax", "MatMul", "Max", "Mul", "Neg", "Pow", "ReLU", "Sub",
-           "Sum", "ToDevice", "add", "amax", "argmax", "cat", "concatenate", "div", "exp", "flatten", "getitem", "log",
-           "log_softmax", "matmul", "max", "mean", "mul", "neg", "pad", "permute", "pow", "relu", "reshape",
-           "softmax", "stack", "sub", "sum", "to", "transpose"]
+           "Sum", "ToDevice", "ValuesIndices", "add", "amax", "amin", "argmax", "argmin", "cat", "clone",
+           "concatenate", "div", "exp", "expand", "flatten", "getitem", "log", "log_softmax", "matmul", "max", "mean",
+           "min", "mul", "neg", "pad", "permute", "pow", "relu", "reshape", "softmax", "squeeze", "stack", "sub",
+           "sum", "t", "to", "topk", "transpose", "unsqueeze"]

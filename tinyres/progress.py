@@ -39,11 +39,15 @@ class Progress:
         self.t_last, self.it = now, it
         if self.bar is not None:
             self.bar.update(it - self.bar.n)
-        elif self.enabled and (it == FIRST_LINE_AT or it == self.total or
-                               (it > FIRST_LINE_AT and now - self.last_line >= LINE_SECONDS)):
-            self.stream.write(self.line() + "\n")
-            self.stream.flush()
-            self.last_line = now
+        elif self.enabled and it < self.total and (it == FIRST_LINE_AT or
+                                                   (it > FIRST_LINE_AT and now - self.last_line >= LINE_SECONDS)):
+            self.write_line()
+
+    def write_line(self) -> None:
+        """Print the progress line (in a log, not on a terminal)."""
+        self.stream.write(self.line() + "\n")
+        self.stream.flush()
+        self.last_line = time.perf_counter()
 
     def set_stats(self, lr: float, loss: float, err: float) -> None:
         """The training statistics of the latest log window."""
@@ -77,7 +81,9 @@ class Progress:
             self.stream.flush()
 
     def close(self) -> None:
-        """End the bar on a terminal."""
+        """End the bar on a terminal; in a log, the last line, once the statistics of the last window are in."""
+        if self.enabled and self.bar is None and not self.tty and self.it == self.total > self.start_it:
+            self.write_line()
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -31,7 +31,8 @@ from .progress import Progress, hms
 from .rundir import RunDir, read_jsonl
 from .tensor import Tensor, no_grad, tensor
 
-__all__ = ["DivergenceError", "Run", "TrainConfig", "default_eval_every", "evaluate", "sgd_step"]
+__all__ = ["DivergenceError", "Interrupted", "ResumeError", "Run", "TrainConfig", "default_eval_every", "evaluate",
+           "train_step"]
 
 @dataclass
 class TrainConfig:
@@ -86,28 +87,30 @@ class TrainConfig:
 LR_SCHEDULES = ("multistep", "onecycle", "cosine")
 
 
-def make_scheduler(optimizer: optim.Optimizer, cfg: TrainConfig) -> optim.LRScheduler:
+def make_scheduler(optimizer: optim.Optimizer, cfg: TrainConfig, schedules: Any = optim.lr_scheduler) -> Any:
     """The learning-rate schedule `cfg` names, stepped once per iteration over `cfg.iters` iterations.
 
     multistep: the paper's, lr divided by `lr_gamma` at each milestone (with the warm-up of deep
-    nets); onecycle: PyTorch's OneCycleLR peaking at `lr`; cosine: a linear rise from
-    lr / div_factor over `pct_start` of the run, then half a cosine down to 0.
+    nets); onecycle: OneCycleLR peaking at `lr`; cosine: a linear rise from lr / div_factor over
+    `pct_start` of the run, then half a cosine down to 0. The classes come from `schedules`:
+    tinyres's, or `torch.optim.lr_scheduler`, whose names and arguments they share (the paper's
+    warm-up, WarmupLR, is tinyres's alone).
     """
     if cfg.lr_schedule == "onecycle":
-        return optim.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.iters, pct_start=cfg.pct_start,
-                                anneal_strategy=cfg.anneal_strategy, cycle_momentum=cfg.cycle_momentum,
-                                base_momentum=cfg.base_momentum, max_momentum=cfg.momentum,
-                                div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
+        return schedules.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.iters, pct_start=cfg.pct_start,
+                                    anneal_strategy=cfg.anneal_strategy, cycle_momentum=cfg.cycle_momentum,
+                                    base_momentum=cfg.base_momentum, max_momentum=cfg.momentum,
+                                    div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
     if cfg.lr_schedule == "cosine":
         rise = round(cfg.pct_start * cfg.iters)
-        cosine = optim.CosineAnnealingLR(optimizer, T_max=cfg.iters - rise)
+        cosine = schedules.CosineAnnealingLR(optimizer, T_max=cfg.iters - rise)
         if rise == 0:
             return cosine
-        return optim.SequentialLR(optimizer, [optim.LinearLR(optimizer, 1 / cfg.div_factor, total_iters=rise), cosine],
-                                  milestones=[rise])
+        warmup = schedules.LinearLR(optimizer, 1 / cfg.div_factor, total_iters=rise)
+        return schedules.SequentialLR(optimizer, [warmup, cosine], milestones=[rise])
     if cfg.lr_schedule != "multistep":
         raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
-    scheduler: optim.LRScheduler = optim.MultiStepLR(optimizer, list(cfg.milestones), gamma=cfg.lr_gamma)
+    scheduler = schedules.MultiStepLR(optimizer, list(cfg.milestones), gamma=cfg.lr_gamma)
     if cfg.warmup if cfg.warmup is not None else cfg.depth >= 110:
         scheduler = optim.WarmupLR(optimizer, scheduler, warmup_lr=cfg.warmup_lr, until_iter=cfg.warmup_iters,
                                    until_error=cfg.warmup_error)
@@ -131,6 +134,12 @@ def first_below(history: list[dict[str, Any]], error: float) -> dict[str, Any] |
 
 # resuming with a different network would load mismatched weights: these keys must agree
 ARCH_KEYS = ("depth", "plain", "shortcut")
+# the settings that define the learning-rate schedule (and a onecycle run's momentum): a change on resume rebuilds it
+SCHEDULE_KEYS = ("lr_schedule", "iters", "milestones", "lr", "lr_gamma", "pct_start", "anneal_strategy", "div_factor",
+                 "final_div_factor", "cycle_momentum", "base_momentum", "momentum", "warmup", "warmup_lr",
+                 "warmup_iters", "warmup_error")
+# a window's mean training loss this many times the first iteration's is worth a warning
+LOSS_GROWTH = 10.0
 # what a checkpoint's `extra` must hold to resume a run exactly
 RESUME_KEYS = ("iteration", "config", "loader", "window", "smooth_err", "elapsed")
 
@@ -139,9 +148,15 @@ class DivergenceError(RuntimeError):
     """The training loss or the weights became NaN or infinite."""
 
 
+class ResumeError(ValueError):
+    """A run that cannot be resumed with the config given (another network)."""
+
+
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: np.ndarray,
-             batch_size: int = 1000, device: str = "cpu", std: np.ndarray | None = None) -> tuple[float, float]:
-    """Mean cross-entropy and error rate of `model` on uint8 NHWC `images`, in eval mode."""
+             batch_size: int = 1000, device: str = "cpu", std: np.ndarray | None = None,
+             should_stop: Callable[[], bool] | None = None) -> tuple[float, float] | None:
+    """Mean cross-entropy and error rate of `model` on uint8 NHWC `images`, in eval mode; None if
+    `should_stop()` turned true between two batches."""
     n = len(images)
     if n == 0 or len(labels) != n:
         raise ValueError(f"evaluate: needs at least one image and a label for each, "
@@ -152,6 +167,8 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: np.
     try:
         with no_grad():
             for i in range(0, n, batch_size):
+                if should_stop is not None and should_stop():
+                    return None
                 x = tensor(to_float(images[i:i + batch_size], mean, std), device=device)
                 y = tensor(np.asarray(labels[i:i + batch_size], dtype=np.int64), device=device)
                 logits = model(x)
@@ -162,14 +179,22 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: np.
     return loss_sum / n, wrong / n
 
 
-def sgd_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tensor) -> tuple[Any, Any]:
-    """One SGD step on x (N, 3, H, W), y (N,); its loss and error rate stay on the device as 0-d arrays."""
+def train_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tensor) -> tuple[Any, Any]:
+    """One optimizer step on the batch x (N, 3, H, W), y (N,); returns its loss and error rate as 0-d
+    arrays that stay on the device (`float()` reads them).
+
+    A NaN or infinite loss raises DivergenceError before the update, so the weights stay as they
+    were. Checking it reads one number per step (on a GPU, a wait for the backward pass).
+    """
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     optimizer.zero_grad()
     loss.backward()
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model.reduce_gradients()  # the mean over the ranks: the gradient of the whole batch
+    checked = loss.data
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # the mean gradient of the ranks' parts of the batch,
+        checked = model.reduce_gradients(loss.data)  # and of their losses: every rank takes the same step, or none
+    if not bool(get_array_module(checked).isfinite(checked)):
+        raise DivergenceError(f"the loss is {float(checked)}; this step's update was not made")
     optimizer.step()
     return loss.data, (logits.data.argmax(axis=1) != y.data).mean()
 
@@ -205,6 +230,15 @@ class StopRequest:
     """Set by the first Ctrl-C or SIGTERM: the loop saves a checkpoint after this iteration and stops."""
 
     signal_name: str | None = None
+    signum: int = signal.SIGINT
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal after saving a checkpoint; `signum` says which (exit status 128 + signum)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 @contextlib.contextmanager
@@ -215,7 +249,7 @@ def stop_requests() -> Iterator[StopRequest]:
     def handler(signum: int, frame: Any) -> None:
         if stop.signal_name is not None:
             raise KeyboardInterrupt
-        stop.signal_name = signal.Signals(signum).name
+        stop.signal_name, stop.signum = signal.Signals(signum).name, signum
         print(f"\n{stop.signal_name}: saving a checkpoint after this iteration (Ctrl-C again to quit at once)",
               file=sys.stderr)
 
@@ -245,27 +279,46 @@ def check_same_arch(saved: dict[str, Any], config: TrainConfig, where: Any) -> N
     diff = [f"{k}: saved {saved.get(k)!r}, requested {getattr(config, k)!r}"
             for k in ARCH_KEYS if saved.get(k) != getattr(config, k)]
     if diff:
-        raise ValueError(f"cannot resume {where}: it holds a different network ({'; '.join(diff)}); "
+        raise ResumeError(f"cannot resume {where}: it holds a different network ({'; '.join(diff)}); "
                          "use the same --depth/--plain/--shortcut or another --out")
 
 
 class Run:
-    """One training run: model, optimizer, schedule, data, and the counters an exact resume needs."""
+    """One training run. Its state is made in `__init__` (what needs no data) and `prepare` (the
+    data, and the counters of a resumed run); `loop` then calls, per iteration, `step` and
+    `log_save_or_stop`. The methods below follow that order."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, name: str):
-        self.cfg, self.model, self.name = config, model, name
-        self.dir = RunDir(config.out)
-        self.eval_every = config.eval_every or default_eval_every(config.iters)
+        cfg = self.cfg = config
+        self.model, self.name = model, name
+        self.dir = RunDir(cfg.out)
+        self.eval_every = cfg.eval_every or default_eval_every(cfg.iters)
+        self.optimizer = optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                   nesterov=cfg.nesterov)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        # the data, set by prepare()
+        self.loader: DataLoader | None = None
+        self.mean: np.ndarray | None = None            # the per-pixel mean subtracted from every image
+        self.eval_x: np.ndarray | None = None
+        self.eval_y: np.ndarray | None = None
+        self.split = "test"                            # or "val": what eval_x holds
+        # where the run stands: saved in every checkpoint, set again by _restore()
         self.it, self.elapsed_before, self.smooth_err = 0, 0.0, 1.0
         self.eval_window, self.log_window = Window(), Window()
+        # this process's bookkeeping
         self.pending: list[tuple[float, Any, Any]] = []  # (lr, loss, err) of iterations not yet read
-        self.lr_used = 0.0
+        self.lr_used = 0.0                               # the lr of the newest iteration read
+        self.start_loss: float | None = None             # the first iteration's loss: the yardstick of watch_loss
+        self.warned_growth = False
         self.last_saved: tuple[int, Any] | None = None   # (iteration, path) of the newest good checkpoint
+        self.eval_pending = False  # an evaluation due at this iteration that a stop request left undone
         self.last_save_time = time.monotonic()
+        self.t_start = time.perf_counter()               # elapsed() counts from here; loop() restarts it
+        self.progress = Progress(cfg.iters, enabled=False)  # silent until loop() shows a live one
 
     # ---- building and restoring ----------------------------------------------------------
     def prepare(self, data: CIFAR10 | None) -> None:
-        """Data, optimizer, schedule and loader, fresh or restored from the newest checkpoint that loads."""
+        """Data, per-pixel mean and loader; then a fresh start, or the newest checkpoint that loads."""
         cfg = self.cfg
         resuming = self._check_out_dir()
         train_x, train_y, self.eval_x, self.eval_y, self.split = split_data(
@@ -274,9 +327,6 @@ class Run:
             self.mean = np.load(self.dir.mean)
         else:
             self.mean = per_pixel_mean(train_x).astype(np.float32)
-        self.optimizer = optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-        self.scheduler = make_scheduler(self.optimizer, cfg)
         self.loader = DataLoader(train_x, train_y, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                  augment=cfg.augment, mean=self.mean, seed=cfg.seed, prefetch=cfg.prefetch)
         if resuming:
@@ -310,9 +360,43 @@ class Run:
         self.it, self.elapsed_before = int(extra["iteration"]), float(extra["elapsed"])
         self.eval_window, self.smooth_err = Window(**extra["window"]), float(extra["smooth_err"])
         self.log_window = Window(**extra.get("log_window", {}))  # older checkpoints have no dense log
+        self.start_loss = extra.get("start_loss")
         self.loader.load_state_dict(extra["loader"])
         self.last_saved = (self.it, self.dir.checkpoint)
-        self.dir.roll_back(self.it)
+        self.eval_pending = bool(extra.get("eval_pending", False))
+        self.lr_used = float(extra.get("lr_used", 0.0))  # the lr of the last iteration, which a pending row shows
+        self.dir.roll_back(self.it, evaluated=not self.eval_pending)
+        self._apply_changed_config(extra["config"])
+
+    def _apply_changed_config(self, saved: dict[str, Any]) -> None:
+        """Give the restored optimizer and schedule this config's settings, and record them in config.json.
+
+        Restoring set them as they were saved; a config given on resume may change the schedule
+        (its kind, lr, milestones, length, ...), momentum and weight decay from here on. A changed
+        schedule is built anew and stepped to this iteration, as if the run had used it from the
+        start; an unchanged one is left exactly as it was restored.
+        """
+        cfg, now = self.cfg, self.cfg.to_dict()
+        # a setting the checkpoint's config lacks came in later: the run was made with its default
+        saved = {**TrainConfig().to_dict(), **saved}
+        group = self.optimizer.param_groups[0]
+        group["momentum"], group["weight_decay"] = float(cfg.momentum), float(cfg.weight_decay)
+        group["nesterov"] = bool(cfg.nesterov)
+        if any(saved.get(k) != now[k] for k in SCHEDULE_KEYS):
+            restored = self.scheduler
+            self.optimizer.initial_lr, self.optimizer.lr = None, float(cfg.lr)  # as a fresh optimizer has them
+            self.scheduler = make_scheduler(self.optimizer, cfg)
+            for _ in range(min(self.it, cfg.iters)):
+                self.scheduler.step()
+            if isinstance(self.scheduler, optim.WarmupLR):  # the warm-up ends on the training error it saw
+                self.scheduler.warming_up = bool(getattr(restored, "warming_up", False))
+                self.scheduler._set_lr(self.scheduler.get_lr())
+        else:  # set the lr again, and the momentum a onecycle schedule cycles: exactly as restored
+            self.scheduler._set_lr(self.scheduler.last_lr)
+        changed = [k for k in now if k not in ("resume", "progress") and saved.get(k) != now[k]]
+        if changed:
+            self.say("changed on resume: " + ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed))
+            self.dir.write_config(now)
 
     def say(self, text: str) -> None:
         """A line about the run on stderr (unless progress output is off)."""
@@ -328,10 +412,15 @@ class Run:
         batches = self.loader.stream()  # endless, from the saved position on
         try:
             with stop_requests() as stop:
+                if self.eval_pending:  # left undone by the stop request that ended the last process
+                    self.eval_pending = not self.log_evaluation()
+                    if self.it >= cfg.iters:
+                        self.save()
                 self.model.train()
                 while self.it < cfg.iters:
                     xb, yb = next(batches)
                     loss = self.step(tensor(xb, device=cfg.device), tensor(yb, device=cfg.device))
+                    self.progress.update(self.it)
                     if on_iteration is not None:
                         on_iteration(self.it, float(loss))
                     self.log_save_or_stop(stop)
@@ -340,9 +429,13 @@ class Run:
             batches.close()  # stops the prefetch thread, if any
 
     def step(self, x: Tensor, y: Tensor) -> Any:
-        """One iteration: an SGD step and the schedule's step; returns the loss (on the device)."""
+        """One iteration: an optimizer step and the schedule's step; returns the loss (on the device)."""
         lr = self.optimizer.lr
-        loss, err = sgd_step(self.model, self.optimizer, x, y)
+        try:
+            loss, err = train_step(self.model, self.optimizer, x, y)
+        except DivergenceError as e:
+            self.read_pending()
+            self.diverged(f"{e} at iteration {self.it + 1}")
         self.pending.append((lr, loss, err))
         self.it += 1
         if getattr(self.scheduler, "warming_up", False):
@@ -350,21 +443,27 @@ class Run:
             self.scheduler.step(train_error=self.smooth_err)
         else:
             self.scheduler.step()
-        self.progress.update(self.it)
         return loss
 
     def log_save_or_stop(self, stop: StopRequest) -> None:
-        """Log, evaluate and checkpoint when due; after a stop request, save and raise KeyboardInterrupt."""
+        """Log, evaluate and checkpoint when due; after a stop request, save and raise `Interrupted`.
+
+        A stop request saves first: an evaluation that is due (or that the request cut short) is
+        left to the resumed run, which makes it before its first iteration, so that the process
+        ends within a scheduler's grace period and the logs come out as in an unbroken run.
+        """
         it, end = self.it, self.it == self.cfg.iters
         if it % self.cfg.log_every == 0 or end:
             self.log_training()
-        if it % self.eval_every == 0 or end:
-            self.log_evaluation()
+        if (it % self.eval_every == 0 or end) and not stop.signal_name:
+            self.eval_pending = not self.log_evaluation(lambda: stop.signal_name is not None)
+        elif it % self.eval_every == 0 or end:
+            self.eval_pending = True
         if end or stop.signal_name or self._checkpoint_due():
             self.save()
         if stop.signal_name:
-            raise KeyboardInterrupt(f"{stop.signal_name}: interrupted at iteration {it}; checkpoint saved to "
-                                    f"{self.dir.checkpoint} (resume with resume=True / --resume)")
+            raise Interrupted(f"{stop.signal_name}: interrupted at iteration {it}; checkpoint saved to "
+                              f"{self.dir.checkpoint} (resume with resume=True / --resume)", stop.signum)
 
     def _checkpoint_due(self) -> bool:
         if self.cfg.checkpoint_every:
@@ -382,6 +481,8 @@ class Run:
         for k, ((lr, _, _), (loss, err)) in enumerate(zip(self.pending, values.tolist())):
             if not math.isfinite(loss):
                 self.diverged(f"loss is {loss} at iteration {first + k}")
+            if self.start_loss is None:
+                self.start_loss = loss
             self.eval_window.add(loss, err)
             self.log_window.add(loss, err)
             self.smooth_err = err if first + k == 1 else 0.9 * self.smooth_err + 0.1 * err
@@ -392,7 +493,21 @@ class Run:
         """Stop with a DivergenceError that names the newest checkpoint holding finite weights."""
         where = (f"the last good checkpoint is {self.last_saved[1]} (iteration {self.last_saved[0]})"
                  if self.last_saved is not None else "no checkpoint was saved")
-        raise DivergenceError(f"training diverged: {what}; {where}. Try a lower learning rate or a warm-up.")
+        raise DivergenceError(f"training diverged: {what}; {where}. Try a lower learning rate (resume with --lr) "
+                              "or a warm-up.")
+
+    def watch_loss(self, loss: float) -> None:
+        """Say once when a window's mean training loss has grown to LOSS_GROWTH times the first iteration's."""
+        if self.start_loss is None or self.warned_growth or not loss > LOSS_GROWTH * self.start_loss:
+            return
+        self.warned_growth = True
+        text = (f"[{self.name}] warning: the training loss is {loss:.4g} at iteration {self.it}, "
+                f"{loss / self.start_loss:.3g} times its start ({self.start_loss:.4g}): training is diverging; "
+                "a lower learning rate (--lr) may help")
+        if self.cfg.progress:
+            self.progress.log(text)
+        else:  # a warning is not progress output: it is shown even then
+            print(text, file=sys.stderr, flush=True)
 
     def elapsed(self) -> float:
         """Wall time of the whole run so far, across resumes."""
@@ -407,11 +522,16 @@ class Run:
                                              "train_err": err, "elapsed": round(self.elapsed(), 3)})
         self.progress.set_stats(self.lr_used, loss, err)
         self.log_window = Window()
+        self.watch_loss(loss)
 
-    def log_evaluation(self) -> None:
-        """Evaluate, and log one row of metrics.jsonl with the training averages since the last one."""
+    def log_evaluation(self, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Evaluate, and log one row of metrics.jsonl with the training averages since the last one;
+        False (and nothing logged) if `should_stop()` cut the evaluation short."""
         self.read_pending()
-        test_loss, test_err = self.evaluate()
+        result = self.evaluate(should_stop)
+        if result is None:
+            return False
+        test_loss, test_err = result
         train_loss, train_err = self.eval_window.means()
         row = {"iter": self.it, "lr": self.lr_used, "train_loss": train_loss, "train_err": train_err,
                "test_loss": test_loss, "test_err": test_err, "split": self.split,
@@ -430,10 +550,12 @@ class Run:
                               f"{hms(row['elapsed'])} into the run")
         self.eval_window = Window()
         self.progress.pause()
+        return True
 
-    def evaluate(self) -> tuple[float, float]:
-        """Loss and error on the evaluation images."""
-        return evaluate(self.model, self.eval_x, self.eval_y, self.mean, self.cfg.eval_batch_size, self.cfg.device)
+    def evaluate(self, should_stop: Callable[[], bool] | None = None) -> tuple[float, float] | None:
+        """Loss and error on the evaluation images; None if `should_stop()` cut the evaluation short."""
+        return evaluate(self.model, self.eval_x, self.eval_y, self.mean, self.cfg.eval_batch_size, self.cfg.device,
+                        should_stop=should_stop)
 
     def save(self) -> None:
         """Checkpoint the run, keeping the previous checkpoint; never one with NaN or infinite weights."""
@@ -441,9 +563,12 @@ class Run:
         arrays = [p.data for p in self.model.parameters()] + list(self.model.buffers())
         if not all(bool(get_array_module(a).isfinite(a).all()) for a in arrays):
             self.diverged(f"the weights are NaN or infinite at iteration {self.it}")
-        extra = {"iteration": self.it, "config": self.cfg.to_dict(), "loader": self.loader.state_dict(),
+        # the config and the mean image make the checkpoint enough to classify images (examples/predict.py)
+        extra = {"iteration": self.it, "config": self.cfg.to_dict(), "mean": self.mean,
+                 "loader": self.loader.state_dict(),
                  "window": asdict(self.eval_window), "log_window": asdict(self.log_window),
-                 "smooth_err": self.smooth_err, "elapsed": self.elapsed(), "finished": self.it >= self.cfg.iters}
+                 "smooth_err": self.smooth_err, "start_loss": self.start_loss, "elapsed": self.elapsed(),
+                 "eval_pending": self.eval_pending, "lr_used": self.lr_used, "finished": self.it >= self.cfg.iters}
         self.dir.save_checkpoint(lambda path: save_checkpoint(path, self.model, self.optimizer, self.scheduler,
                                                               extra=extra))
         self.last_saved, self.last_save_time = (self.it, self.dir.checkpoint), time.monotonic()

@@ -60,21 +60,27 @@ class RunDir:
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics.unlink(missing_ok=True)
         self.train_log.unlink(missing_ok=True)
-        write_text(self.config, json.dumps(config, indent=2) + "\n")
+        self.write_config(config)
         buf = io.BytesIO()
         np.save(buf, mean)
         write_bytes(self.mean, buf.getvalue())
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Replace config.json (a resumed run whose settings changed)."""
+        write_text(self.config, json.dumps(config, indent=2) + "\n")
 
     def append(self, path: Path, row: dict[str, Any]) -> None:
         """Add one row to a JSON-lines log."""
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def roll_back(self, iteration: int) -> None:
-        """Drop logged rows after `iteration`: the resumed run will log them again."""
+    def roll_back(self, iteration: int, evaluated: bool = True) -> None:
+        """Drop logged rows after `iteration` (and its evaluation unless `evaluated`): the resumed run logs them
+        again."""
         for path in (self.metrics, self.train_log):
             if path.exists():
-                rows = [r for r in read_jsonl(path) if r["iter"] <= iteration]
+                last = iteration if evaluated or path != self.metrics else iteration - 1
+                rows = [r for r in read_jsonl(path) if r["iter"] <= last]
                 write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def save_checkpoint(self, save: Callable[[Path], None]) -> None:

@@ -46,6 +46,39 @@ def flatten(x, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     return reshape(x, x.shape[:s] + (-1,) + x.shape[e + 1:])
 
 
+def unsqueeze(x, dim: int) -> Tensor:
+    """A new dim of length 1 at `dim` (-1 appends one), as `torch.unsqueeze`."""
+    x = as_tensor(x)
+    if not -x.ndim - 1 <= dim <= x.ndim:
+        raise ValueError(f"unsqueeze: dim {dim} out of range for a tensor of shape {x.shape}")
+    d = dim % (x.ndim + 1)
+    return reshape(x, x.shape[:d] + (1,) + x.shape[d:])
+
+
+def squeeze(x, dim: int | None = None) -> Tensor:
+    """Drop the dims of length 1 (or only `dim`, if it has length 1), as `torch.squeeze`."""
+    x = as_tensor(x)
+    if dim is None:
+        return reshape(x, tuple(n for n in x.shape if n != 1))
+    if not -builtins.max(x.ndim, 1) <= dim < builtins.max(x.ndim, 1):
+        raise ValueError(f"squeeze: dim {dim} out of range for a tensor of shape {x.shape}")
+    d = dim % builtins.max(x.ndim, 1)
+    return reshape(x, x.shape[:d] + x.shape[d + 1:]) if x.ndim and x.shape[d] == 1 else x
+
+
+class Clone(Function):
+    def forward(self, x):
+        return x.copy(order="K")
+
+    def backward(self, gy):
+        return gy
+
+
+def clone(x) -> Tensor:
+    """A copy of `x` in new memory that stays in the graph (gradients flow back to `x`)."""
+    return Clone()(x)
+
+
 class Permute(Function):
     def __init__(self, dims):
         self.dims = dims
@@ -72,6 +105,37 @@ def transpose(x, dim0: int, dim1: int) -> Tensor:
     dims = list(range(x.ndim))
     dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
     return permute(x, dims)
+
+
+def t(x) -> Tensor:
+    """The transpose of a matrix (a tensor of at most 2 dims is returned with its dims swapped), as `torch.t`."""
+    x = as_tensor(x)
+    if x.ndim > 2:
+        raise ValueError(f"t: expects a tensor of at most 2 dims, got shape {x.shape}; use transpose(dim0, dim1)")
+    return transpose(x, 0, 1) if x.ndim == 2 else x
+
+
+class Expand(Function):
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        try:
+            return self.xp.broadcast_to(x, self.shape)
+        except ValueError:
+            raise ValueError(f"expand: shape {tuple(x.shape)} cannot be broadcast to {self.shape}") from None
+
+    def backward(self, gy):
+        return gy  # summed back to x's shape where broadcasting stretched it (tensor.unbroadcast)
+
+
+def expand(x, *shape) -> Tensor:
+    """`x` broadcast to `shape` (-1 keeps a dim), as `torch.Tensor.expand`: a view, no copy."""
+    x = as_tensor(x)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    lead = len(shape) - x.ndim
+    return Expand(tuple(x.shape[i - lead] if n == -1 and i >= lead else int(n) for i, n in enumerate(shape)))(x)
 
 
 class GetItem(Function):

@@ -37,6 +37,27 @@ def no_grad() -> Iterator[None]:
         _GradMode.enabled = prev
 
 
+@contextlib.contextmanager
+def set_grad_enabled(mode: bool) -> Iterator[None]:
+    """Context manager in which ops record the graph if `mode`, as `torch.set_grad_enabled(mode)`."""
+    prev = _GradMode.enabled
+    _GradMode.enabled = bool(mode)
+    try:
+        yield
+    finally:
+        _GradMode.enabled = prev
+
+
+def enable_grad():
+    """Context manager (and decorator) that records the graph again inside `no_grad`, as `torch.enable_grad()`."""
+    return set_grad_enabled(True)
+
+
+def inference_mode(mode: bool = True):
+    """As `torch.inference_mode()`: here the same as `no_grad()` (there are no version counters to skip)."""
+    return set_grad_enabled(not mode)
+
+
 def is_grad_enabled() -> bool:
     """Whether ops currently record the graph."""
     return _GradMode.enabled
@@ -156,6 +177,9 @@ class Tensor:
 
 # ---- making tensors ----------------------------------------------------------------------
 
+# dtypes under PyTorch's names: `x.to(tinyres.float64)`, `tinyres.zeros(3, dtype=tinyres.int64)`
+float32, float64, int64, int32, uint8 = (np.dtype(t) for t in ("float32", "float64", "int64", "int32", "uint8"))
+
 def tensor(data: Any, requires_grad: bool = False, dtype=None, device: str | None = None) -> Tensor:
     """A new leaf tensor holding a copy of `data` (floats default to float32), as `torch.tensor`.
 
@@ -192,6 +216,17 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     return Tensor(x)
 
 
+def arange(start, end=None, step=1, dtype=None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+    """start, start + step, ... below end (0 ... start - 1 with one argument), as `torch.arange`: int64 for
+    integer arguments, float32 otherwise."""
+    if end is None:
+        start, end = 0, start
+    values = np.arange(start, end, step)
+    if dtype is None:
+        dtype = np.int64 if values.dtype.kind in "iu" else np.float32
+    return tensor(values.astype(dtype), requires_grad=requires_grad, device=device)
+
+
 def _shape_arg(shape: tuple) -> tuple[int, ...]:
     return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
 
@@ -226,6 +261,34 @@ def randn(*shape, dtype=np.float32, device: str = "cpu", requires_grad: bool = F
     """Standard normal samples, from `generator` or the one `tinyres.manual_seed` seeds."""
     values = (generator or _generator).standard_normal(_shape_arg(shape)).astype(dtype)
     return tensor(values, requires_grad=requires_grad, device=device)
+
+
+def rand(*shape, dtype=np.float32, device: str = "cpu", requires_grad: bool = False,
+         generator: np.random.Generator | None = None) -> Tensor:
+    """Uniform samples from [0, 1), from `generator` or the one `tinyres.manual_seed` seeds."""
+    values = (generator or _generator).random(_shape_arg(shape)).astype(dtype)
+    return tensor(values, requires_grad=requires_grad, device=device)
+
+
+def randint(low: int, high: int | None = None, size: tuple[int, ...] = (), dtype=np.int64, device: str = "cpu",
+            generator: np.random.Generator | None = None) -> Tensor:
+    """Integers from [low, high) (from [0, low) without `high`) of shape `size`, as `torch.randint`."""
+    if high is None:
+        low, high = 0, low
+    return tensor((generator or _generator).integers(low, high, size).astype(dtype), device=device)
+
+
+def full(shape, fill_value, dtype=None, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+    """A tensor of `fill_value` (float32 for a float, int64 for an int)."""
+    if dtype is None:
+        dtype = np.int64 if isinstance(fill_value, (int, np.integer)) and not isinstance(fill_value, bool) else \
+            np.bool_ if isinstance(fill_value, bool) else np.float32
+    return tensor(np.full(_shape_arg((shape,)), fill_value, dtype=dtype), requires_grad=requires_grad, device=device)
+
+
+def empty(*shape, dtype=np.float32, device: str = "cpu", requires_grad: bool = False) -> Tensor:
+    """A tensor to be filled (here zeros: NumPy's uninitialized memory buys nothing at these sizes)."""
+    return zeros(*shape, dtype=dtype, device=device, requires_grad=requires_grad)
 
 
 def zeros_like(t: Tensor, requires_grad: bool = False) -> Tensor:
@@ -265,11 +328,15 @@ class Function:
                             f"({', '.join(f'{a.dtype}{tuple(a.shape)}' for a in arrays)}); "
                             "convert with .float() or .double() first")
         self.needs_input_grad = tuple(t.requires_grad for t in tensors)
-        out = Tensor(self.forward(*arrays))
+        return self._output(self.forward(*arrays), tensors)
+
+    def _output(self, y, inputs: tuple[Tensor, ...]) -> Tensor:
+        """`y` as a Tensor; recorded as computed by this op from `inputs` when a gradient is to flow back."""
+        out = Tensor(y)
         if _GradMode.enabled and any(self.needs_input_grad):
             out.requires_grad = True
             out.grad_fn = self
-            self.inputs = tensors
+            self.inputs = inputs
         return out
 
     @property

@@ -24,16 +24,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import distributed, models, nn, optim
+from . import distributed, models, nn
 from .backend import cuda_available, gpu_status
 from .data import CIFAR10
 from .distributed_run import DistributedRun
 from .models import count_parameters
 from .nn import init
 from .progress import Progress
-from .run import DivergenceError, Run, TrainConfig, default_eval_every, error_targets, evaluate, first_below, sgd_step
+from .run import DivergenceError, Run, TrainConfig, default_eval_every, error_targets, evaluate, first_below, train_step
 from .rundir import RunDir, read_jsonl
-from .tensor import Tensor
 
 __all__ = [
     "DivergenceError",
@@ -70,12 +69,6 @@ def model_name(depth: int, plain: bool = False, shortcut: str = "A") -> str:
     return f"ResNet-{depth}" + ("" if shortcut.upper() == "A" else f" ({shortcut.upper()})")
 
 
-def train_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """One SGD step on the batch x (N, 3, H, W), y (N,); returns its loss and error rate."""
-    loss, err = sgd_step(model, optimizer, x, y)
-    return float(loss), float(err)
-
-
 # ---- the run -------------------------------------------------------------------------------
 
 def train(config: TrainConfig, data: CIFAR10 | None = None,
@@ -101,7 +94,7 @@ def train(config: TrainConfig, data: CIFAR10 | None = None,
     else:
         run = Run(config, model, name)
     run.prepare(data)  # data, optimizer, schedule, loader: fresh, or restored from the newest checkpoint
-    if run.it < config.iters:
+    if run.it < config.iters or run.eval_pending:
         run.loop(on_iteration)
     history = read_metrics(config.out)
     return {**(history[-1] if history else {}), "name": run.name, "iterations": run.it,

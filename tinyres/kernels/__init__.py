@@ -17,7 +17,7 @@ say what is computed; this module says how to compute it fast on NumPy (and plai
   run to run for a given thread count. On CuPy every kernel is a single call on the whole batch.
 """
 
-from .conv import ConvGeometry, col2im, conv2d_backward, conv2d_forward, im2col_chunks, windows
+from .conv import ConvGeometry, col2im, conv2d_backward, conv2d_forward, im2col_chunks, output_size, windows
 from .passes import (
     add,
     channel_affine,
@@ -32,5 +32,5 @@ from .threads import blockwise, free_scratch, get_num_threads, parallel_for, scr
 
 __all__ = ["ConvGeometry", "add", "blockwise", "channel_affine", "channel_sum", "channel_sums",
            "col2im", "conv2d_backward", "conv2d_forward", "empty_like", "free_scratch", "get_num_threads",
-           "im2col_chunks", "log_softmax", "parallel_for", "relu", "relu_grad", "scratch", "set_num_threads",
+           "im2col_chunks", "log_softmax", "output_size", "parallel_for", "relu", "relu_grad", "scratch", "set_num_threads",
            "windows"]

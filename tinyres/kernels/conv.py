@@ -9,14 +9,19 @@ from .threads import parallel_for, scratch, sum_in_order
 
 # ---- im2col / col2im ---------------------------------------------------------------------
 
+def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """The output length, along one axis, of a convolution or pooling: how many windows of `kernel`
+    values, `stride` apart, fit in `size` values padded by `padding` on each side."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
 def windows(xpad, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int):
-    """The (n, oh, ow, kh, kw, C) sliding windows of a padded NHWC array, as a read-only view."""
+    """The (n, oh, ow, kh, kw, C) sliding windows of a padded NHWC array, as a view (read-only on NumPy)."""
     xp = get_array_module(xpad)
     s0, s1, s2, s3 = xpad.strides
     shape, strides = (xpad.shape[0], oh, ow, kh, kw, xpad.shape[3]), (s0, s1 * sh, s2 * sw, s1, s2, s3)
-    if xp is np:
-        return np.lib.stride_tricks.as_strided(xpad, shape, strides, writeable=False)
-    return xp.lib.stride_tricks.as_strided(xpad, shape, strides)
+    read_only = {"writeable": False} if xp is np else {}  # CuPy's as_strided has no such flag
+    return xp.lib.stride_tricks.as_strided(xpad, shape, strides, **read_only)
 
 
 def col2im(dcol, out, sh: int, sw: int) -> None:
@@ -42,8 +47,7 @@ class ConvGeometry:
         self.n, self.h, self.w, self.c = x_nhwc.shape
         self.kh, self.kw = kh, kw
         (self.sh, self.sw), (self.ph, self.pw) = stride, padding
-        self.oh = (self.h + 2 * self.ph - kh) // self.sh + 1
-        self.ow = (self.w + 2 * self.pw - kw) // self.sw + 1
+        self.oh, self.ow = output_size(self.h, kh, self.sh, self.ph), output_size(self.w, kw, self.sw, self.pw)
         self.pixels = self.oh * self.ow  # output rows per image
         self.k = kh * kw * self.c  # columns per row
         xp = get_array_module(x_nhwc)
@@ -95,7 +99,7 @@ def conv2d_forward(x, W, stride: tuple[int, int], padding: tuple[int, int]):
     y = xp.empty((g.n, g.oh, g.ow, oc), dtype=x.dtype)
     yrows = y.reshape(-1, oc)
 
-    def work(lo, hi, part):
+    def work(lo, hi):
         for n0, n1, cols in im2col_chunks(xh, g, lo, hi):
             xp.matmul(cols, Wmat, out=yrows[n0 * g.pixels:n1 * g.pixels])
     parallel_for(work, g.n, xp)
@@ -116,28 +120,43 @@ def conv2d_backward(gy, x, W, stride, padding, need_gx: bool, need_gW: bool):
 
 
 def _conv2d_backward_full(gy, x, W, padding, need_gW: bool):
+    """gx and gW of a stride-1 convolution, both from one im2col of gy.
+
+    The forward is y[n, o, i, j] = sum_{c, p, q} x[n, c, i + p - P, j + q - Q] * W[o, c, p, q].
+    Name each x position a = i + p - P, count the kernel rows backwards, p' = KH-1 - p, and pad gy
+    by P' = KH-1 - P (>= 0 as P < KH); then i = a + p' - P', and with the same for the columns:
+
+      gx[n, c, a, b] = sum_{o, p', q'} gy[n, o, a + p' - P', b + q' - Q'] * W[o, c, KH-1 - p', KW-1 - q']
+      gW[o, c, KH-1 - p', KW-1 - q'] = sum_{n, a, b} x[n, c, a, b] * gy[n, o, a + p' - P', b + q' - Q']
+
+    Both sums run over the im2col columns of gy padded by (P', Q'), cols[(n, a, b), (p', q', o)]:
+    gx = cols @ Wflip is the convolution of gy with the kernel flipped in space and its channels
+    swapped, Wflip[(p', q', o), c]; and gWflip = x_rows.T @ cols, with x_rows[(n, a, b), c], is gW
+    with its kernel flipped: gWflip[c, (p', q', o)] = gW[o, c, KH-1 - p', KW-1 - q'].
+    """
     xp = get_array_module(gy)
     oc, c, kh, kw = W.shape
-    gyh = gy.transpose(0, 2, 3, 1)
-    g = ConvGeometry(gyh, kh, kw, (1, 1), (kh - 1 - padding[0], kw - 1 - padding[1]))
-    Wflip = W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(g.k, c)
-    xrows = _nhwc(x).reshape(-1, c)
+    gy_nhwc = gy.transpose(0, 2, 3, 1)
+    g = ConvGeometry(gy_nhwc, kh, kw, (1, 1), (kh - 1 - padding[0], kw - 1 - padding[1]))  # g.oh, g.ow = H, W
+    Wflip = W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(g.k, c)  # rows (p', q', o), like the columns
+    x_rows = _nhwc(x).reshape(-1, c)
     gx = xp.empty((g.n, g.oh, g.ow, c), dtype=x.dtype)
-    gxrows = gx.reshape(-1, c)
+    gx_rows = gx.reshape(-1, c)
 
-    def work(lo, hi, part):
-        gWflip = scratch(xp, "gW", (c, g.k), W.dtype) if need_gW else None
-        tmp = scratch(xp, "gWtmp", (c, g.k), W.dtype) if need_gW else None
-        for n0, n1, cols in im2col_chunks(gyh, g, lo, hi):
+    def work(lo, hi):
+        gWflip = scratch(xp, "gWflip", (c, g.k), W.dtype) if need_gW else None
+        tmp = scratch(xp, "gWflip_tmp", (c, g.k), W.dtype) if need_gW else None
+        for n0, n1, cols in im2col_chunks(gy_nhwc, g, lo, hi):
             rows = slice(n0 * g.pixels, n1 * g.pixels)
-            xp.matmul(cols, Wflip, out=gxrows[rows])
+            xp.matmul(cols, Wflip, out=gx_rows[rows])
             if need_gW:
-                _matmul_add(xrows[rows].T, cols, gWflip, tmp, first=n0 == lo)
+                _matmul_add(x_rows[rows].T, cols, gWflip, tmp, first=n0 == lo)
         return gWflip.copy() if need_gW else None
     parts = parallel_for(work, g.n, xp)
     gW = None
-    if need_gW:  # gWflip[c, (i', j', oc)] holds dL/dW[oc, c, kh-1-i', kw-1-j']
-        gW = sum_in_order(parts).reshape(c, kh, kw, oc)[:, ::-1, ::-1].transpose(3, 0, 1, 2).copy()
+    if need_gW:
+        gWflip = sum_in_order(parts).reshape(c, kh, kw, oc)  # [c, p', q', o]
+        gW = gWflip[:, ::-1, ::-1].transpose(3, 0, 1, 2).copy()  # [o, c, p, q], p = KH-1 - p', q = KW-1 - q'
     return gx.transpose(0, 3, 1, 2), gW
 
 
@@ -148,7 +167,7 @@ def _conv2d_grad_weight(gy, x, W, stride, padding):
     g = ConvGeometry(xh, kh, kw, stride, padding)
     gyrows = _nhwc(gy).reshape(-1, oc)
 
-    def work(lo, hi, part):
+    def work(lo, hi):
         gWmat = scratch(xp, "gW", (g.k, oc), W.dtype)
         tmp = scratch(xp, "gWtmp", (g.k, oc), W.dtype)
         for n0, n1, cols in im2col_chunks(xh, g, lo, hi):
@@ -166,9 +185,9 @@ def _conv2d_grad_input_col2im(gy, x, W, stride, padding):
     gyrows = _nhwc(gy).reshape(-1, oc)
     gx = xp.empty((g.n, g.h, g.w, c), dtype=x.dtype)
 
-    def work(lo, hi, part):
-        dcols = scratch(xp, "cols", (g.chunk * g.pixels, g.k), x.dtype)
-        gpad = scratch(xp, "gpad", (g.chunk, g.h + 2 * g.ph + g.sh, g.w + 2 * g.pw + g.sw, c), x.dtype)
+    def work(lo, hi):
+        dcols = scratch(xp, "dcols", (g.chunk * g.pixels, g.k), x.dtype)
+        gpad = scratch(xp, "gpad", (g.chunk, g.h + 2 * g.ph, g.w + 2 * g.pw, c), x.dtype)
         for n0 in range(lo, hi, g.chunk):
             m = min(g.chunk, hi - n0)
             d = dcols[:m * g.pixels]

@@ -1,5 +1,10 @@
-"""Elementwise and per-channel passes (ReLU, the shortcut add, batch norm's sums and affine maps),
-each over cache-sized blocks on every thread, keeping the memory layout of its input."""
+"""Elementwise and per-channel passes: ReLU, the shortcut add, batch norm's sums and affine maps.
+
+On NumPy, when their arrays share one dense memory layout (as a network's activations do), the
+passes run over cache-sized blocks on every thread and their outputs keep that layout; otherwise
+(a broadcast, a strided view) one plain NumPy call does the work, as it always does on CuPy.
+log_softmax, here for cross-entropy, is one plain call.
+"""
 
 from __future__ import annotations
 
@@ -75,6 +80,17 @@ def log_softmax(x, axis: int):
 
 
 # ---- per-channel passes (batch norm) -----------------------------------------------------
+#
+# One NumPy trick serves every pass below: wide rows. Broadcasting a (C,) vector over the rows of
+# an (R, C) matrix runs NumPy's inner loop over only C values (16 on ResNet's first stage), so
+# the loop's overhead dominates. Laid side by side, k rows make one row of k * C values: the
+# vector tiled k times broadcasts over inner loops of up to WIDE values, and a column sum of the
+# wide matrix folds back to (C,) by adding its k pieces. On wide rows the passes run about twice
+# as fast for C = 16 (benchmarks/ops.py). `blockwise` cuts the rows into blocks of whole multiples
+# of WIDE rows, so that every block widens alike (k * C <= WIDE and C >= 1, so k divides WIDE).
+
+WIDE = 512  # values in a wide row, at most
+
 
 def _channel_rows(a):
     """The (N*H*W, C) matrix of NCHW `a` (or `a` itself for (N, C)) when that is a
@@ -85,23 +101,22 @@ def _channel_rows(a):
     return r.reshape(-1, a.shape[1]) if r.flags.c_contiguous else None
 
 
-def _wide(r, width: int = 512):
-    """`r` (rows, C) with k rows laid side by side as rows of about `width` values, and k.
-
-    NumPy broadcasts a (C,) vector over (rows, C) in inner loops of only C elements; on wide
-    rows the same passes run about twice as fast for C = 16 (benchmarks/ops.py)."""
+def _widen(r):
+    """`r` (rows, C) as wide rows (rows / k, k * C), and k: the largest power of 2 that fits."""
     rows, c = r.shape
     k = 1
-    while k * 2 * c <= width and rows % (k * 2) == 0:
+    while k * 2 * c <= WIDE and rows % (k * 2) == 0:
         k *= 2
     return r.reshape(rows // k, k * c), k
 
 
 def _tile(v, k: int):
+    """A (C,) vector repeated for the k rows side by side in a wide row."""
     return get_array_module(v).tile(v, k) if k > 1 else v
 
 
 def _fold(v, k: int):
+    """A wide row's (k * C,) sums folded back to (C,)."""
     return v.reshape(k, -1).sum(axis=0) if k > 1 else v
 
 
@@ -121,9 +136,9 @@ def channel_sum(a):
         return a.sum(axis=_other_axes(a))
 
     def block(b):
-        w, k = _wide(b)
+        w, k = _widen(b)
         return _fold(_colsum(w), k)
-    return sum_in_order(blockwise(block, r))
+    return sum_in_order(blockwise(block, r, rows_multiple=WIDE))
 
 
 def channel_sums(x, shift, g=None):
@@ -138,11 +153,11 @@ def channel_sums(x, shift, g=None):
         return u.sum(axis=_other_axes(x)), (u * d).sum(axis=_other_axes(x))
 
     def block(bx, bg=None):
-        wx, k = _wide(bx)
+        wx, k = _widen(bx)
         d = wx - _tile(shift, k)  # in cache: the block was just read
-        u = d if bg is None else _wide(bg)[0]
+        u = d if bg is None else _widen(bg)[0]
         return _fold(_colsum(u), k), _fold(get_array_module(u).einsum("ij,ij->j", u, d), k)
-    sums = blockwise(block, rx) if g is None else blockwise(block, rx, rg)
+    sums = blockwise(block, *((rx,) if g is None else (rx, rg)), rows_multiple=WIDE)
     return sum_in_order([s for s, _ in sums]), sum_in_order([q for _, q in sums])
 
 
@@ -162,10 +177,10 @@ def channel_affine(a, scale, shift, b=None, b_scale=None):
         return out
 
     def block(ba, bo, bb):
-        (wa, k), wo = _wide(ba), _wide(bo)[0]
+        (wa, k), wo = _widen(ba), _widen(bo)[0]
         xp.multiply(wa, _tile(scale, k), out=wo)
         wo += _tile(shift, k)
         if b is not None:
-            wo += _wide(bb)[0] * _tile(b_scale, k)
-    blockwise(block, ra, ro, rb)
+            wo += _widen(bb)[0] * _tile(b_scale, k)
+    blockwise(block, ra, ro, rb, rows_multiple=WIDE)
     return out

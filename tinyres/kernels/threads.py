@@ -48,6 +48,7 @@ def set_num_threads(n: int) -> None:
     if _pool is not None:
         _pool.shutdown(wait=True)
         _pool = None
+        free_scratch()  # the buffers of the threads just ended would never be used again
     _num_threads = int(n)
 
 
@@ -79,29 +80,29 @@ def _configure_process() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
-def parallel_for(fn: Callable[[int, int, int], Any], n: int, xp=np) -> list[Any]:
-    """Run fn(lo, hi, part) over [0, n) split into contiguous parts, one per thread, and return
-    the results in part order. Part 0 runs in the calling thread."""
+def parallel_for(fn: Callable[[int, int], Any], n: int, xp=np) -> list[Any]:
+    """Run fn(lo, hi) over [0, n) split into contiguous parts, one per thread, and return the
+    results in part order. The first part runs in the calling thread."""
     _configure_process()
     parts = min(_num_threads, n)
     if xp is not np or parts <= 1 or getattr(_inside, "active", False):
-        return [fn(0, n, 0)]
+        return [fn(0, n)]
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=_num_threads - 1, thread_name_prefix="tinyres")
     bounds = [n * p // parts for p in range(parts + 1)]
-    futures = [_pool.submit(_part, fn, bounds[p], bounds[p + 1], p) for p in range(1, parts)]
+    futures = [_pool.submit(_part, fn, bounds[p], bounds[p + 1]) for p in range(1, parts)]
     try:
-        first = _part(fn, bounds[0], bounds[1], 0)
+        first = _part(fn, bounds[0], bounds[1])
     finally:
-        results = [f.result() for f in futures]  # wait for every part, even when part 0 failed
+        results = [f.result() for f in futures]  # wait for every part, even when the first one failed
     return [first] + results
 
 
-def _part(fn, lo: int, hi: int, part: int):
+def _part(fn, lo: int, hi: int):
     _inside.active = True
     try:
-        return fn(lo, hi, part)
+        return fn(lo, hi)
     finally:
         _inside.active = False
 
@@ -137,20 +138,20 @@ def free_scratch() -> None:
 _BLOCK_BYTES = 1 << 20  # 1 MB per array: large enough that the per-block calls cost little
 
 
-def blockwise(fn: Callable, *arrays) -> list[Any]:
-    """fn(*blocks) over blocks of rows (axis 0) of `arrays`, each about _BLOCK_BYTES, spread over
-    the threads; the results in block order. On CuPy, one call on the whole arrays."""
+def blockwise(fn: Callable, *arrays, rows_multiple: int = 1) -> list[Any]:
+    """fn(*blocks) over blocks of rows (axis 0) of `arrays`, each about _BLOCK_BYTES and a whole
+    multiple of `rows_multiple` rows (but the last), spread over the threads; the results in block
+    order. On CuPy, one call on the whole arrays."""
     xp = get_array_module(arrays[0])
     if xp is not np:
         return [fn(*arrays)]
     a = arrays[0]
     row_bytes = a.itemsize * (a.size // max(len(a), 1))
     size = max(1, _BLOCK_BYTES // max(row_bytes, 1))
-    if a.ndim == 2:  # whole groups of wide rows (see _wide), so each block widens alike
-        size = max(512, size - size % 512)
+    size = max(rows_multiple, size - size % rows_multiple)
     starts = range(0, len(a), size)
 
-    def work(lo, hi, part):
+    def work(lo, hi):
         return [fn(*(x[s:s + size] for x in arrays)) for s in starts[lo:hi]]
     return [r for part in parallel_for(work, len(starts), xp) for r in part]
 

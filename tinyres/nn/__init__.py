@@ -13,7 +13,7 @@ from .layers import (
     MaxPool2d,
     ReLU,
 )
-from .modules import Identity, Module, Parameter, RemovableHandle, Sequential
+from .modules import Identity, Module, ModuleDict, ModuleList, Parameter, RemovableHandle, Sequential
 from .parallel import SyncBatchNorm
 
 __all__ = [
@@ -28,6 +28,8 @@ __all__ = [
     "Linear",
     "MaxPool2d",
     "Module",
+    "ModuleDict",
+    "ModuleList",
     "Parameter",
     "ReLU",
     "RemovableHandle",
@@ -37,3 +39,23 @@ __all__ = [
     "init",
     "parallel",
 ]
+
+_PAPER = "the networks of He et al. (2015) do not use it, and tinyres has the layers they need"
+# layers a PyTorch script may name that tinyres leaves out, and what to use instead
+LEFT_OUT_LAYERS = {
+    **dict.fromkeys(("Dropout", "Dropout2d", "Conv1d", "Conv3d", "ConvTranspose2d", "LSTM", "GRU", "RNN",
+                     "Embedding", "LayerNorm", "GroupNorm", "InstanceNorm2d", "Upsample", "Sigmoid", "Tanh",
+                     "LeakyReLU", "GELU", "SiLU", "ELU"), _PAPER),
+    "Softmax": "models output logits: use nn.functional.softmax(logits, dim=1) where probabilities are needed",
+    "LogSoftmax": "models output logits: use nn.functional.log_softmax, or nn.CrossEntropyLoss on the logits",
+    "NLLLoss": "use nn.CrossEntropyLoss (or nn.functional.cross_entropy) on the logits",
+    "MSELoss": "write ((output - target) ** 2).mean()",
+    "DataParallel": "multi-device training is left out: train on one device with model.to(device)",
+    "DistributedDataParallel": "multi-device training is left out: train on one device with model.to(device)",
+}
+
+
+def __getattr__(name: str):
+    if name in LEFT_OUT_LAYERS:
+        raise AttributeError(f"tinyres.nn has no {name}: {LEFT_OUT_LAYERS[name]}")
+    raise AttributeError(f"module 'tinyres.nn' has no attribute {name!r}")

@@ -49,7 +49,7 @@ class Conv2d(Module):
 class _BatchNorm(Module):
     """Shared by BatchNorm1d and BatchNorm2d: per-channel gamma, beta and running statistics."""
 
-    ndim = 4
+    ndim: int  # of the input: 2 or 4, as each subclass sets
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
@@ -183,5 +183,9 @@ class Flatten(Module):
 class CrossEntropyLoss(Module):
     """Mean cross-entropy of logits (N, classes) against integer targets (N,), as `torch.nn.CrossEntropyLoss`."""
 
+    def __init__(self, reduction: str = "mean", label_smoothing: float = 0.0):
+        super().__init__()
+        self.reduction, self.label_smoothing = reduction, label_smoothing
+
     def forward(self, input, target):
-        return F.cross_entropy(input, target)
+        return F.cross_entropy(input, target, self.reduction, self.label_smoothing)

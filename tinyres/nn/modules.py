@@ -9,7 +9,7 @@ layers (`tinyres.nn.layers`) only hold parameters; the arithmetic is in `tinyres
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -18,7 +18,8 @@ from ..backend import device_of, is_cupy, normalize_device, to_device
 from ..statedict import as_array, refuse_if_errors
 from ..tensor import Tensor
 
-__all__ = ["Identity", "IncompatibleKeys", "Module", "Parameter", "RemovableHandle", "Sequential"]
+__all__ = ["Identity", "IncompatibleKeys", "Module", "ModuleDict", "ModuleList", "Parameter", "RemovableHandle",
+           "Sequential", "zero_grads"]
 
 
 class Parameter(Tensor):
@@ -29,6 +30,15 @@ class Parameter(Tensor):
 
     def __repr__(self) -> str:
         return "Parameter containing:\n" + super().__repr__()
+
+
+def zero_grads(params: Iterable[Tensor], set_to_none: bool = True) -> None:
+    """`.grad` = None for each of `params` (PyTorch's default), or its gradient zeroed in place."""
+    for p in params:
+        if set_to_none:
+            p.grad = None
+        elif p.grad is not None:
+            p.grad.data[...] = 0
 
 
 class IncompatibleKeys(NamedTuple):
@@ -132,6 +142,16 @@ class Module:
                 return
         object.__delattr__(self, name)
 
+    def add_module(self, name: str, module: Module | None) -> None:
+        """Register `module` as the submodule `name` (as assigning it to the attribute does)."""
+        setattr(self, name, module)
+
+    def register_parameter(self, name: str, param: Parameter | None) -> None:
+        """Register `param` as the parameter `name` (as assigning it to the attribute does)."""
+        if param is not None and not isinstance(param, Parameter):
+            raise TypeError(f"register_parameter: {name!r} must be a Parameter, got {type(param).__name__}")
+        setattr(self, name, param)
+
     def register_buffer(self, name: str, value: Any) -> None:
         """Add state that `state_dict` saves and `to` moves but that is not trained (an array)."""
         if name in self._parameters or name in self._modules:
@@ -210,13 +230,25 @@ class Module:
         """Set evaluation mode (batch norm uses running statistics); returns self."""
         return self.train(False)
 
-    def zero_grad(self) -> None:
-        """Drop the gradients of all parameters (sets `.grad` to None, as PyTorch does by default)."""
-        for p in self.parameters():
-            p.grad = None
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients of all parameters (`.grad` = None, PyTorch's default), or zero them in place."""
+        zero_grads(self.parameters(), set_to_none)
 
-    def to(self, device: str) -> Module:
-        """Move all parameters and buffers to `device` in place ('cpu' or 'cuda'); returns self."""
+    def requires_grad_(self, requires_grad: bool = True) -> Module:
+        """Set `requires_grad` of every parameter (False freezes them); returns self."""
+        for p in self.parameters():
+            p.requires_grad_(requires_grad)
+        return self
+
+    def to(self, device: Any = None, dtype: Any = None) -> Module:
+        """Move all parameters and buffers to `device` ('cpu' or 'cuda') and/or convert their floats to `dtype`,
+        in place; returns self. `model.to(tinyres.float64)` converts, as in PyTorch."""
+        if isinstance(device, (type, np.dtype)):
+            device, dtype = None, device
+        if dtype is not None:
+            self._cast(np.dtype(dtype))
+        if device is None:
+            return self
         device = normalize_device(device)
         for m in self.modules():
             for p in m._parameters.values():
@@ -228,6 +260,25 @@ class Module:
                 if b is not None:
                     m._buffers[k] = to_device(b, device)
         return self
+
+    def _cast(self, dtype: np.dtype) -> None:
+        if dtype.kind != "f":
+            raise TypeError(f"{type(self).__name__}.to: parameters must stay floating point, got {dtype}")
+        for m in self.modules():
+            for p in m._parameters.values():
+                if p.dtype != dtype:  # the same Parameter objects: an optimizer keeps them
+                    p.data, p.grad = p.data.astype(dtype), None
+            for k, b in m._buffers.items():
+                if b is not None and b.dtype.kind == "f":
+                    m._buffers[k] = b.astype(dtype)
+
+    def float(self) -> Module:
+        """Parameters and buffers in float32 (the training dtype), in place; returns self."""
+        return self.to(dtype=np.float32)
+
+    def double(self) -> Module:
+        """Parameters and buffers in float64 (for gradient checks), in place; returns self."""
+        return self.to(dtype=np.float64)
 
     def cpu(self) -> Module:
         """Move to the CPU in place; returns self."""
@@ -330,6 +381,90 @@ class Sequential(Module):
         """Add `layer` at the end; returns self."""
         setattr(self, str(len(self)), layer)
         return self
+
+
+class ModuleList(Module):
+    """A list of modules, registered so that `parameters()`, `state_dict()` and `to()` see them, as `nn.ModuleList`."""
+
+    def __init__(self, modules: Iterable[Module] = ()):
+        super().__init__()
+        self.extend(modules)
+
+    def forward(self, *inputs: Any) -> Any:
+        raise NotImplementedError("ModuleList has no forward(): call its modules in your own forward()")
+
+    def _index(self, index: int) -> str:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"ModuleList index {index} out of range for {len(self)} modules")
+        return str(index % len(self))
+
+    def __getitem__(self, index: int | slice) -> Module | ModuleList:
+        if isinstance(index, slice):
+            return ModuleList(list(self._modules.values())[index])
+        return self._modules[self._index(index)]
+
+    def __setitem__(self, index: int, module: Module) -> None:
+        setattr(self, self._index(index), module)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._modules.values())
+
+    def append(self, module: Module) -> ModuleList:
+        """Add `module` at the end; returns self."""
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleList holds Modules, not {type(module).__name__}")
+        setattr(self, str(len(self)), module)
+        return self
+
+    def extend(self, modules: Iterable[Module]) -> ModuleList:
+        """Add each of `modules` at the end; returns self."""
+        for m in modules:
+            self.append(m)
+        return self
+
+
+class ModuleDict(Module):
+    """Modules by name, registered as submodules, as `nn.ModuleDict`."""
+
+    def __init__(self, modules: dict[str, Module] | None = None):
+        super().__init__()
+        for name, m in (modules or {}).items():
+            self[name] = m
+
+    def forward(self, *inputs: Any) -> Any:
+        raise NotImplementedError("ModuleDict has no forward(): call its modules in your own forward()")
+
+    def __getitem__(self, name: str) -> Module:
+        return self._modules[name]
+
+    def __setitem__(self, name: str, module: Module) -> None:
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleDict holds Modules, not {type(module).__name__} (key {name!r})")
+        setattr(self, name, module)
+
+    def __delitem__(self, name: str) -> None:
+        del self._modules[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._modules
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def keys(self):
+        return self._modules.keys()
+
+    def values(self):
+        return self._modules.values()
+
+    def items(self):
+        return self._modules.items()
 
 
 class Identity(Module):

@@ -83,15 +83,18 @@ class DistributedDataParallel(Module):
         """Copy rank 0's buffers to every rank, in one message."""
         _broadcast_together(list(self.module.buffers()))
 
-    def reduce_gradients(self) -> None:
-        """Replace each parameter's gradient by its mean over the ranks: one all-reduce per bucket."""
+    def reduce_gradients(self, loss: Any = None) -> Any:
+        """Replace each parameter's gradient by its mean over the ranks, one all-reduce per bucket;
+        return the mean of the ranks' `loss` (a 0-d array, sent with the last bucket), if given."""
         k = dist.get_world_size()
         if k == 1:
-            return
-        for bucket in self.buckets:
+            return loss
+        for i, bucket in enumerate(self.buckets):
             xp = get_array_module(bucket[0].data)
-            flat = xp.concatenate([(p.grad.data if p.grad is not None else xp.zeros_like(p.data)).reshape(-1)
-                                   for p in bucket])
+            parts = [(p.grad.data if p.grad is not None else xp.zeros_like(p.data)).reshape(-1) for p in bucket]
+            if loss is not None and i == len(self.buckets) - 1:
+                parts.append(xp.asarray(loss, dtype=parts[0].dtype).reshape(1))
+            flat = xp.concatenate(parts)
             dist.all_reduce(flat, dist.ReduceOp.SUM)
             flat /= flat.dtype.type(k)
             for p, g in zip(bucket, _split(flat, [p.data for p in bucket])):
@@ -99,6 +102,7 @@ class DistributedDataParallel(Module):
                     p.grad = Tensor(g.copy())
                 else:
                     p.grad.data[...] = g  # in place: the gradient keeps its memory layout
+        return None if loss is None else flat[-1]
 
     # the checkpoint holds the module, whatever the number of ranks
     def state_dict(self) -> OrderedDict[str, np.ndarray]:

@@ -14,3 +14,14 @@ from .sgd import SGD
 
 __all__ = ["SGD", "CosineAnnealingLR", "LRScheduler", "LinearLR", "MultiStepLR", "OneCycleLR", "Optimizer",
            "SequentialLR", "WarmupLR", "lr_scheduler"]
+
+# optimizers a PyTorch script may name that tinyres leaves out
+LEFT_OUT = dict.fromkeys(("Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "LBFGS"),
+                         "the paper trains with SGD with momentum, the one optimizer here: "
+                         "optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)")
+
+
+def __getattr__(name: str):
+    if name in LEFT_OUT:
+        raise AttributeError(f"tinyres.optim has no {name}: {LEFT_OUT[name]}")
+    raise AttributeError(f"module 'tinyres.optim' has no attribute {name!r}")

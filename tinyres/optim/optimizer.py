@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..backend import device_of, is_cupy, to_device
+from ..nn.modules import zero_grads
 from ..statedict import as_array, refuse_if_errors
 from ..tensor import Tensor
 
@@ -35,14 +36,18 @@ class Optimizer:
     def lr(self, value: float) -> None:
         self.param_groups[0]["lr"] = float(value)  # a Python float: a NumPy float64 would upcast float32 updates
 
-    def zero_grad(self) -> None:
-        """Drop the gradients of all parameters (sets `.grad` to None)."""
-        for p in self.params:
-            p.grad = None
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients of all parameters (`.grad` = None, PyTorch's default), or zero them in place."""
+        zero_grads(self.params, set_to_none)
 
     def step(self) -> None:
         """Update the parameters from their gradients."""
         raise NotImplementedError
+
+    def add_param_group(self, group: dict[str, Any]) -> None:
+        """Parameter groups are left out: one optimizer holds one group."""
+        raise TypeError(f"{type(self).__name__}.add_param_group: parameter groups are left out; give all parameters "
+                        "to one optimizer, or make a second optimizer for the new ones")
 
     def param_state(self, i: int) -> dict[str, Any]:
         """The state of parameter `i`, its arrays moved to where the parameter now is.

@@ -23,6 +23,10 @@ class SGD(Optimizer):
                  nesterov: bool = False, dampening: float = 0.0):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"SGD: lr {lr}, momentum {momentum} and weight_decay {weight_decay} must be >= 0")
+        if momentum >= 1 or not 0 <= dampening <= 1:
+            # momentum 1 or more lets every past gradient count forever, growing without bound
+            raise ValueError(f"SGD: momentum must be below 1 and dampening between 0 and 1, got momentum {momentum} "
+                             f"and dampening {dampening}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: nesterov needs momentum > 0 and dampening 0")
         super().__init__(params, {"lr": float(lr), "momentum": float(momentum), "dampening": float(dampening),
