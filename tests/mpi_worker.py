@@ -104,11 +104,36 @@ def train_run(out: str, settings: str) -> None:
         print(f"done {result['iterations']} test_err {result['test_err']}", flush=True)
 
 
+def float64_losses(out: str, settings: str) -> None:
+    """{"data": archive, "steps": n}: the mean loss of each of n float64 steps of ResNet-20 on the trainer's
+    real batches (augmented, this rank's part of each), with SyncBatchNorm and DDP over the ranks."""
+    import json
+
+    from tinyres.data import DataLoader, load_cifar10, per_pixel_mean
+    kw = json.loads(settings)
+    k, r = dist.get_world_size(), dist.get_rank()
+    data = load_cifar10(kw["data"])
+    loader = DataLoader(data.train_images, np.asarray(data.train_labels), batch_size=128, drop_last=True,
+                        augment=True, mean=per_pixel_mean(data.train_images).astype(np.float32), num_replicas=k,
+                        rank=r)
+    model = resnet20().double()
+    if k > 1:
+        model = nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model))
+    opt, losses = sgd(model), []
+    for (x, y), _ in zip(loader.stream(), range(kw["steps"])):
+        loss, _ = train_step(model, opt, tensor(x.astype(np.float64)), tensor(y))
+        losses.append(float(dist.all_reduce(np.array([float(loss)]))[0] / k))
+    if r == 0:
+        np.save(out, np.array(losses))
+
+
 def main(job: str, out: str, settings: str = "{}") -> None:
     if dist.launched_by_mpiexec():
         dist.init_process_group()
     if job == "train":
         train_run(out, settings)
+    elif job == "float64":
+        float64_losses(out, settings)
     elif job in ("sync", "per-rank"):
         got = ranks(sync_bn=job == "sync")
         if dist.get_rank() == 0:
