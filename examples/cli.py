@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tinyres import distributed
 from tinyres.backend import cuda_available
 from tinyres.checkpoint import CheckpointError
 from tinyres.data import CIFAR10, DataError, load_cifar10
+from tinyres.kernels import get_num_threads, set_num_threads
 from tinyres.train import TrainConfig
 
 
@@ -51,12 +53,30 @@ def run(main: Callable[[list[str]], int]) -> int:
     """Run `main(argv)`; an ordinary mistake prints one line on stderr and gives exit status 2."""
     argv = sys.argv[1:]
     try:
-        return main(argv)
+        code = main(argv)
     except ORDINARY_ERRORS as e:
         if "--debug" in argv:
             raise
         print(f"{Path(sys.argv[0]).name}: error: {describe(e)}", file=sys.stderr)
-        return 2
+        code = 2
+    if code and distributed.get_world_size() > 1:
+        distributed.abort(code)  # the other ranks may be waiting for this one: end them too
+    return code
+
+
+def join_mpi_job() -> int:
+    """Join the other processes when started by mpiexec (see tinyres.distributed); their number, else 1.
+
+    Unless $TINYRES_NUM_THREADS says otherwise, the ranks on one machine share its cores: two
+    ranks of two threads each on two cores would take turns instead of working."""
+    if distributed.launched_by_mpiexec():
+        try:
+            distributed.init_process_group()
+        except RuntimeError as e:
+            raise UsageError(f"mpiexec: {e}") from None
+        if "TINYRES_NUM_THREADS" not in os.environ:
+            set_num_threads(max(1, get_num_threads() // distributed.get_local_world_size()))
+    return distributed.get_world_size()
 
 
 def describe(e: BaseException) -> str:
@@ -97,6 +117,10 @@ def check_config(config: TrainConfig) -> None:
     check_at_least(1, iters=config.iters, batch_size=config.batch_size, eval_every=config.eval_every,
                    checkpoint_every=config.checkpoint_every)
     check_at_least(0, seed=config.seed, prefetch=config.prefetch)
+    processes = distributed.get_world_size()
+    if config.batch_size % processes:
+        raise UsageError(f"--batch-size {config.batch_size} cannot be split evenly over the {processes} processes "
+                         f"of mpiexec -n {processes}: choose a number of processes that divides the batch size")
     outside = [m for m in config.milestones if not 0 < m <= config.iters]
     if outside:
         saved = f" (from {Path(config.out) / 'config.json'})" if config.resume else ""

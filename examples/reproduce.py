@@ -8,7 +8,8 @@ ones resumed, so the command can be interrupted and started again. Writes result
 with the paper's Table 6 test errors beside ours) and fig6.png; for Figure 7, run
 `examples/layer_responses.py` on the run directories. Nets can also train in separate
 processes (one `--nets` each, same --out); `--report` then tabulates and plots the finished
-runs without training.
+runs without training. Under `mpiexec -n K` each net trains on K processes (see train_cifar.py);
+rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for cli and plot_cur
 
 import cli
 
+from tinyres import distributed
 from tinyres.atomic import write_text
 from tinyres.data import CIFAR10
 from tinyres.run import PAPER_TEST_ERROR
@@ -122,7 +124,8 @@ def train_all(configs: list[TrainConfig], data: CIFAR10) -> list[dict[str, Any]]
         shape = (f"one cycle of the lr up to {config.lr:g}" if config.lr_schedule == "onecycle"
                  else f"lr /10 at {', '.join(map(str, config.milestones))}" if config.lr_schedule == "multistep"
                  else f"{config.lr_schedule} lr from {config.lr:g}")
-        print(f"== {name}: {config.iters:,} iterations, {shape} -> {config.out}", file=sys.stderr)
+        if distributed.get_rank() == 0:
+            print(f"== {name}: {config.iters:,} iterations, {shape} -> {config.out}", file=sys.stderr)
         try:
             result = train(config, data=data)
         except KeyboardInterrupt as e:  # the run saved a checkpoint: running this again resumes it
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command line: train each net (skipping finished runs), then write results.md and fig6.png."""
     args = build_parser().parse_args(argv)
+    cli.join_mpi_job()
 
     cli.check_at_least(1, iters=args.iters, batch_size=args.batch_size, eval_every=args.eval_every)
     for depth, plain, shortcut in args.nets:
@@ -194,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = train_all(configs, data)
         if rows is None:
             return 130
+    if distributed.get_rank() != 0:
+        return 0
     command = " ".join(["python examples/reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     text = results_markdown(args, iters, rows, data, command)
     write_text(out / "results.md", text)

@@ -9,6 +9,10 @@ saved in the run's config.json. Flags given with --resume change them from there
 in config.json (e.g. --iters, --lr, --milestones, --data); those that would change the run's network,
 batches, split or warm-up (--depth, --plain, --shortcut, --batch-size, --seed, --val-split, --warmup)
 are refused.
+
+    mpiexec -n 2 python examples/train_cifar.py --schedule short --out runs/r20-mpi2   # pip install -e '.[mpi]'
+
+trains the same run in 2 processes, each on half of every batch of 128 (README: several processes).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import cli
 
+from tinyres import distributed
 from tinyres.progress import hms
 from tinyres.run import LR_SCHEDULES, ResumeError
 from tinyres.train import (
@@ -95,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iterations between checkpoints (default: every 10 minutes, and at the end)")
     p.add_argument("--prefetch", type=int, default=d.prefetch,
                    help="batches prepared ahead in a background thread (%(default)s)")
+    p.add_argument("--no-sync-bn", action="store_true",
+                   help="under mpiexec: batch statistics of each process's images alone, not of the whole batch")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -119,12 +126,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         val_split=args.val_split, device=args.device, data_path=args.data, seed=args.seed, out=args.out,
         resume=args.resume, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every if args.eval_every is not None else default_eval_every(iters),
-        prefetch=args.prefetch, progress=not args.quiet)
+        prefetch=args.prefetch, progress=not args.quiet, sync_bn=not args.no_sync_bn)
 
 
 # the TrainConfig fields that each flag sets, where they differ from the flag's name
 FLAG_FIELDS = {"schedule": ("iters", "milestones", *PRESET_FLAGS), "no_augment": ("augment",), "data": ("data_path",),
-               "quiet": ("progress",)}
+               "quiet": ("progress",), "no_sync_bn": ("sync_bn",)}
 
 
 def resume_config(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> TrainConfig:
@@ -173,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, train, print the final error; exit status 130 after Ctrl-C, 143 after SIGTERM, 1 on divergence."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    cli.join_mpi_job()
     if args.resume and (Path(args.out) / "config.json").exists():
         config = resume_config(parser, argv, args)
     else:
@@ -193,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.UsageError(str(e)) from e
     except OSError as e:  # the data is loaded: what fails now is reading or writing the run in --out
         raise cli.UsageError(f"--out {config.out}: {cli.describe(e)}") from e
-    if "test_err" in result:
+    if "test_err" in result and distributed.get_rank() == 0:
         print(f"{result['name']}: {result['iterations']} iterations, train error {100 * result['train_err']:.2f}%, "
               f"{result['split']} error {100 * result['test_err']:.2f}% (out: {result['out']})")
         for error in error_targets(config):

@@ -74,6 +74,7 @@ class TrainConfig:
     out: str = "runs/run"
     resume: bool = False
     prefetch: int = 0               # batches prepared ahead in a background thread
+    sync_bn: bool = True            # under mpiexec: batch statistics over all ranks' images (else each rank's own)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,8 +190,11 @@ def train_step(model: nn.Module, optimizer: optim.Optimizer, x: Tensor, y: Tenso
     loss = F.cross_entropy(logits, y)
     optimizer.zero_grad()
     loss.backward()
-    if not bool(get_array_module(loss.data).isfinite(loss.data)):
-        raise DivergenceError(f"the loss is {float(loss.data)}; this step's update was not made")
+    checked = loss.data
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # the mean gradient of the ranks' parts of the batch,
+        checked = model.reduce_gradients(loss.data)  # and of their losses: every rank takes the same step, or none
+    if not bool(get_array_module(checked).isfinite(checked)):
+        raise DivergenceError(f"the loss is {float(checked)}; this step's update was not made")
     optimizer.step()
     return loss.data, (logits.data.argmax(axis=1) != y.data).mean()
 
@@ -524,8 +528,7 @@ class Run:
         """Evaluate, and log one row of metrics.jsonl with the training averages since the last one;
         False (and nothing logged) if `should_stop()` cut the evaluation short."""
         self.read_pending()
-        result = evaluate(self.model, self.eval_x, self.eval_y, self.mean, self.cfg.eval_batch_size,
-                          self.cfg.device, should_stop=should_stop)
+        result = self.evaluate(should_stop)
         if result is None:
             return False
         test_loss, test_err = result
@@ -548,6 +551,11 @@ class Run:
         self.eval_window = Window()
         self.progress.pause()
         return True
+
+    def evaluate(self, should_stop: Callable[[], bool] | None = None) -> tuple[float, float] | None:
+        """Loss and error on the evaluation images; None if `should_stop()` cut the evaluation short."""
+        return evaluate(self.model, self.eval_x, self.eval_y, self.mean, self.cfg.eval_batch_size, self.cfg.device,
+                        should_stop=should_stop)
 
     def save(self) -> None:
         """Checkpoint the run, keeping the previous checkpoint; never one with NaN or infinite weights."""

@@ -11,6 +11,9 @@ The out dir (see `tinyres.rundir`) holds the config, the per-pixel mean, the eva
 dense training curve and the two newest checkpoints, so `TrainConfig(resume=True)` continues
 a run exactly where it stopped. Checkpoints are written every 10 minutes (or every
 `checkpoint_every` iterations), at the end, and on Ctrl-C or SIGTERM.
+
+After `tinyres.distributed.init_process_group()` (under mpiexec), `train` shares each batch
+among the ranks (`tinyres.distributed_run`); its files are the same as one process's.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import models, nn
+from . import distributed, models, nn
 from .backend import cuda_available, gpu_status
 from .data import CIFAR10
+from .distributed_run import DistributedRun
 from .models import count_parameters
 from .nn import init
 from .progress import Progress
@@ -82,7 +86,13 @@ def train(config: TrainConfig, data: CIFAR10 | None = None,
                            f"{gpu_status().reason} (or use device 'cpu')")
     init.manual_seed(config.seed)  # the initial weights depend on the seed alone
     model = build_model(config.depth, config.plain, config.shortcut).to(config.device)
-    run = Run(config, model, model_name(config.depth, config.plain, config.shortcut))
+    name = model_name(config.depth, config.plain, config.shortcut)
+    if distributed.is_initialized():  # under mpiexec: each rank trains on its part of every batch
+        if config.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        run: Run = DistributedRun(config, nn.parallel.DistributedDataParallel(model), name)
+    else:
+        run = Run(config, model, name)
     run.prepare(data)  # data, optimizer, schedule, loader: fresh, or restored from the newest checkpoint
     if run.it < config.iters or run.eval_pending:
         run.loop(on_iteration)

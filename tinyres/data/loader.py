@@ -129,7 +129,9 @@ class DataLoader:
     of the current epoch and `stream()` yields forever; both start at the saved
     position and advance it as batches are consumed (use one at a time).
     `prefetch` > 0 prepares that many batches ahead in a background thread,
-    giving the very same batches.
+    giving the very same batches. With `num_replicas` K > 1 (data-parallel training) each
+    batch is the `rank`-th of K equal parts of the batch that one process would get, with the
+    same augmentation, so K ranks together see what one process sees.
     """
 
     def __init__(
@@ -145,6 +147,8 @@ class DataLoader:
         std: np.ndarray | None = None,
         seed: int = 0,
         prefetch: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ):
         if images.ndim != 4 or images.dtype not in (np.uint8, np.float32):
             raise ValueError(f"images must be uint8 (N, H, W, 3) or float32 (N, C, H, W), got {images.dtype} "
@@ -169,12 +173,20 @@ class DataLoader:
         self.std = None if std is None else np.asarray(std, np.float32)
         self.seed = seed
         self.prefetch = prefetch
+        self.split(num_replicas, rank)
         self.epoch = 0  # position of the next batch to yield
         self.batch = 0
         if len(self) == 0:
             raise ValueError(f"{len(images)} samples make no batch of {batch_size} (drop_last={drop_last})")
         if images.dtype == np.uint8:
             to_float(images[:1], self.mean, self.std)  # report a bad mean or std now, not mid-training
+
+    def split(self, num_replicas: int, rank: int) -> None:
+        """From now on yield only the `rank`-th of `num_replicas` equal parts of every batch."""
+        if num_replicas < 1 or not 0 <= rank < num_replicas or self.batch_size % num_replicas:
+            raise ValueError(f"a batch of {self.batch_size} cannot be split into {num_replicas} equal parts "
+                             f"(rank {rank}): the batch size must be a multiple of the number of processes")
+        self.num_replicas, self.rank = num_replicas, rank
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -234,6 +246,9 @@ class DataLoader:
             x = to_float(x, self.mean, self.std)
         if self.augment:
             x = augment(x, np.random.default_rng([self.seed, epoch, index, 1]))
+        if self.num_replicas > 1:  # this rank's part, after augmenting the whole batch with its random draws
+            part = slice(self.rank * len(x) // self.num_replicas, (self.rank + 1) * len(x) // self.num_replicas)
+            x, selected = x[part], selected[part]
         return x, self.labels[selected]
 
 

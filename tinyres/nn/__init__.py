@@ -1,6 +1,6 @@
 """Neural-network building blocks, as `torch.nn`."""
 
-from . import functional, init
+from . import functional, init, parallel
 from .layers import (
     AdaptiveAvgPool2d,
     AvgPool2d,
@@ -14,6 +14,7 @@ from .layers import (
     ReLU,
 )
 from .modules import Identity, Module, ModuleDict, ModuleList, Parameter, RemovableHandle, Sequential
+from .parallel import SyncBatchNorm
 
 __all__ = [
     "AdaptiveAvgPool2d",
@@ -33,8 +34,10 @@ __all__ = [
     "ReLU",
     "RemovableHandle",
     "Sequential",
+    "SyncBatchNorm",
     "functional",
     "init",
+    "parallel",
 ]
 
 _PAPER = "the networks of He et al. (2015) do not use it, and tinyres has the layers they need"

@@ -122,8 +122,9 @@ class BatchNorm(Function):
     N (and H, W). mean and var are the batch's (training; kept as `self.mean`, `self.var` for the
     running statistics) or the running statistics given (eval)."""
 
-    def __init__(self, eps, running=None):
+    def __init__(self, eps, running=None, all_sum=None):
         self.eps, self.running = eps, running  # running: (mean, var) to normalize with in eval mode
+        self.all_sum = all_sum  # sums a per-channel array over the ranks of a job (SyncBatchNorm), or None
 
     def forward(self, x, gamma, beta):
         self.m = m = x.dtype.type(values_per_channel(x.shape))
@@ -132,6 +133,8 @@ class BatchNorm(Function):
             shift = x[(0, slice(None)) + (0,) * (x.ndim - 2)]
             s1, s2 = kernels.channel_sums(x, shift)  # sums of x - shift and of its square
             mean, var = shift + s1 / m, self.xp.maximum(s2 / m - (s1 / m) ** 2, 0)
+            if self.all_sum is not None:  # the batch is every rank's batch together
+                self.m, mean, var = pooled_moments(m, mean, var, self.all_sum)
         else:
             mean, var = (s.astype(x.dtype, copy=False) for s in self.running)
         self.x, self.mean, self.var, self.gamma = x, mean, var, gamma
@@ -151,23 +154,42 @@ class BatchNorm(Function):
                 #   gx = scale * (gy - mean(gy) - x_hat * mean(gy * x_hat)).
                 # Written out with x_hat = (x - mean) * invstd it is gx = scale * gy + c * x + c0,
                 # one pass over gy and x that makes no x_hat:
-                mean_gy, mean_gy_xhat = gbeta / m, ggamma / m
+                sum_gy, sum_gy_xhat = gbeta, ggamma
+                if self.all_sum is not None:  # ... of every rank's x: the means are over all ranks' batches
+                    sum_gy, sum_gy_xhat = self.xp.split(self.all_sum(self.xp.concatenate([gbeta, ggamma])), 2)
+                mean_gy, mean_gy_xhat = sum_gy / m, sum_gy_xhat / m
                 c = -scale * invstd * mean_gy_xhat
                 c0 = -scale * mean_gy - c * mean
                 gx = kernels.channel_affine(gy, scale, c0, x, c)
             else:  # running statistics are constants: gx = scale * gy
                 gx = kernels.channel_affine(gy, scale, self.xp.zeros_like(scale))
-        return gx, ggamma, gbeta
+        return gx, ggamma, gbeta  # this rank's share: data-parallel training averages them
+
+
+def pooled_moments(m, mean, var, all_sum):
+    """(count, mean, variance) over every rank's values, from each rank's own count m, mean and variance (C,).
+
+    The ranks add up m, m * mean and m * (var + mean^2), the sums of 1, x and x^2, in float64, so
+    that E[x^2] - E[x]^2 keeps the digits that float32 would lose when the mean is large beside the spread.
+    """
+    xp, dtype = get_array_module(mean), mean.dtype
+    mean64, var64 = mean.astype(xp.float64), var.astype(xp.float64)
+    sums = all_sum(xp.concatenate([xp.full(1, m, dtype=xp.float64), m * mean64, m * (var64 + mean64 ** 2)]))
+    count, sum_x, sum_x2 = sums[0], sums[1:len(mean) + 1], sums[len(mean) + 1:]
+    mean64 = sum_x / count
+    return count.astype(dtype), mean64.astype(dtype), xp.maximum(sum_x2 / count - mean64 ** 2, 0).astype(dtype)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+               momentum: float = 0.1, eps: float = 1e-5, all_sum=None) -> Tensor:
     """Batch normalization over N (and H, W) per channel of (N, C) or (N, C, H, W).
 
     In training, normalizes with the batch statistics and then updates `running_mean` and
     `running_var` (arrays or Tensors, or None) in place, outside the graph:
     running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance,
     as PyTorch does. In eval, normalizes with the running statistics.
+    `all_sum(array)`, given, sums an array over the ranks of a data-parallel job: the batch
+    statistics and their gradients are then those of all the ranks' batches together (SyncBatchNorm).
     """
     x = as_tensor(input)
     c = x.shape[1] if x.ndim > 1 else 0
@@ -189,8 +211,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     m = values_per_channel(x.shape)
     if m < 2:
         raise ValueError(f"batch_norm: training needs more than one value per channel, got input {x.shape}")
-    fn = BatchNorm(eps)
+    fn = BatchNorm(eps, all_sum=all_sum)
     y = fn(x, weight, bias)
+    m = float(fn.m)  # values per channel in the whole batch, over all ranks
     if rm is not None:
         rm *= 1 - momentum
         rm += (momentum * fn.mean).astype(rm.dtype, copy=False)
