@@ -357,7 +357,8 @@ def test_requires_grad_and_zero_grad_on_a_module():
 
 @pytest.mark.parametrize("name, advice", [("Dropout", "He et al. \\(2015\\) do not use it"),
                                           ("MSELoss", "\\(\\(output - target\\) \\*\\* 2\\).mean\\(\\)"),
-                                          ("DataParallel", "multi-device training is left out")])
+                                          ("DataParallel", "run one process per device with mpiexec"),
+                                          ("DistributedDataParallel", "nn.parallel.DistributedDataParallel")])
 def test_left_out_layers_say_what_to_use_instead(name, advice):
     with pytest.raises(AttributeError, match=f"tinyres.nn has no {name}: .*{advice}"):
         getattr(nn, name)

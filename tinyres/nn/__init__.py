@@ -50,8 +50,9 @@ LEFT_OUT_LAYERS = {
     "LogSoftmax": "models output logits: use nn.functional.log_softmax, or nn.CrossEntropyLoss on the logits",
     "NLLLoss": "use nn.CrossEntropyLoss (or nn.functional.cross_entropy) on the logits",
     "MSELoss": "write ((output - target) ** 2).mean()",
-    "DataParallel": "multi-device training is left out: train on one device with model.to(device)",
-    "DistributedDataParallel": "multi-device training is left out: train on one device with model.to(device)",
+    "DataParallel": "one process driving several devices is left out: run one process per device with mpiexec "
+                    "and nn.parallel.DistributedDataParallel",
+    "DistributedDataParallel": "as in PyTorch, it is nn.parallel.DistributedDataParallel (processes joined by MPI)",
 }
 
 
