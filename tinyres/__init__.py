@@ -2,11 +2,12 @@
 
 import numpy as np
 
-from . import cuda, graph, models, nn, ops, optim  # ops gives Tensor its operators and methods
+from . import cuda, distributed, graph, models, nn, ops, optim  # ops gives Tensor its operators and methods
 from .backend import cuda_available, get_array_module, normalize_device
 from .checkpoint import load, load_checkpoint, save, save_checkpoint
 from .gradcheck import gradcheck
 from .kernels import get_num_threads, set_num_threads
+from .leftout import module_getattr
 from .ops import (
     amax,
     amin,
@@ -74,7 +75,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Tensor", "amax", "amin", "arange", "argmax", "argmin", "as_tensor", "bool", "cat", "clone", "concatenate",
-    "cuda", "cuda_available", "device", "double", "empty", "enable_grad", "exp", "expand", "flatten", "float",
+    "cuda", "cuda_available", "device", "distributed", "double", "empty", "enable_grad", "exp", "expand", "flatten", "float",
     "float32", "float64", "from_numpy", "full", "get_array_module", "get_num_threads", "gradcheck", "graph",
     "inference_mode", "int32", "int64", "is_grad_enabled", "load", "load_checkpoint", "log", "long", "manual_seed",
     "matmul", "max", "mean", "min", "models", "nn", "no_grad", "ones", "ones_like", "ops", "optim", "permute", "rand",
@@ -93,11 +94,7 @@ LEFT_OUT = {
     "autograd": "autograd.grad and higher-order gradients are left out: call .backward() and read .grad",
     "compile": "there is no compiler: call the model directly", "jit": "there is no JIT: call the model directly",
     "amp": "mixed precision is left out: train in float32",
-    "distributed": "multi-device training is left out: train on one device with model.to(device)",
 }
 
 
-def __getattr__(name: str):
-    if name in LEFT_OUT:
-        raise AttributeError(f"tinyres has no {name}: {LEFT_OUT[name]}")
-    raise AttributeError(f"module 'tinyres' has no attribute {name!r}")
+__getattr__ = module_getattr("tinyres", LEFT_OUT)

@@ -1,5 +1,6 @@
 """Neural-network building blocks, as `torch.nn`."""
 
+from ..leftout import module_getattr
 from . import functional, init, parallel
 from .layers import (
     AdaptiveAvgPool2d,
@@ -56,7 +57,4 @@ LEFT_OUT_LAYERS = {
 }
 
 
-def __getattr__(name: str):
-    if name in LEFT_OUT_LAYERS:
-        raise AttributeError(f"tinyres.nn has no {name}: {LEFT_OUT_LAYERS[name]}")
-    raise AttributeError(f"module 'tinyres.nn' has no attribute {name!r}")
+__getattr__ = module_getattr("tinyres.nn", LEFT_OUT_LAYERS)

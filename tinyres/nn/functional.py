@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import kernels
 from ..backend import device_of, get_array_module
+from ..leftout import module_getattr
 from ..ops import (
     cat,
     concatenate,
@@ -423,7 +424,4 @@ LEFT_OUT_FUNCTIONS = {
 }
 
 
-def __getattr__(name: str):
-    if name in LEFT_OUT_FUNCTIONS:
-        raise AttributeError(f"tinyres.nn.functional has no {name}: {LEFT_OUT_FUNCTIONS[name]}")
-    raise AttributeError(f"module 'tinyres.nn.functional' has no attribute {name!r}")
+__getattr__ = module_getattr("tinyres.nn.functional", LEFT_OUT_FUNCTIONS)
