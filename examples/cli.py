@@ -22,7 +22,7 @@ from tinyres.backend import cuda_available
 from tinyres.checkpoint import CheckpointError
 from tinyres.data import CIFAR10, DataError, load_cifar10
 from tinyres.kernels import get_num_threads, set_num_threads
-from tinyres.train import TrainConfig
+from tinyres.train import TrainConfig, schedule_preset
 
 
 class UsageError(Exception):
@@ -151,6 +151,20 @@ def check_data_fits(config: TrainConfig, n_train: int) -> None:
 def scaled_schedule(iters: int, milestones: tuple[int, ...], new_iters: int) -> tuple[int, ...]:
     """The lr `milestones` of an `iters`-iteration schedule, moved to the same fractions of `new_iters`."""
     return tuple(max(1, round(m * new_iters / iters)) for m in milestones)
+
+
+def schedule_settings(schedule: str, iters: int | None = None,
+                      milestones: list[int] | None = None) -> dict[str, Any]:
+    """The TrainConfig fields of the named --schedule, with --iters (its lr milestones moved to the same
+    fractions of the run) and --milestones applied when given."""
+    settings = schedule_preset(schedule)
+    settings["milestones"] = tuple(settings["milestones"])
+    if iters is not None:
+        settings["iters"], settings["milestones"] = iters, scaled_schedule(settings["iters"], settings["milestones"],
+                                                                          iters)
+    if milestones is not None:
+        settings["milestones"] = tuple(milestones)
+    return settings
 
 
 def check_writable_folder(folder: Path, flag: str) -> None:

@@ -41,7 +41,6 @@ from tinyres.train import (
     first_below,
     model_name,
     read_metrics,
-    schedule_preset,
     train,
 )
 
@@ -171,10 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     for depth, plain, shortcut in args.nets:
         cli.check_depth(depth, f"--nets {model_name(depth, plain, shortcut)}")
     cli.require("matplotlib", "plot", "drawing fig6.png")
-    preset = schedule_preset(args.schedule)
-    iters, milestones = preset.pop("iters"), tuple(preset.pop("milestones"))
-    if args.iters is not None:
-        iters, milestones = args.iters, cli.scaled_schedule(iters, milestones, args.iters)
+    settings = cli.schedule_settings(args.schedule, args.iters)
+    iters = settings["iters"]
     eval_every = args.eval_every if args.eval_every is not None else default_eval_every(iters)
     out = Path(args.out)
     runs = [(depth, plain, shortcut, out / run_folder_name(depth, plain, shortcut))
@@ -184,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [{**finished_run(run_dir, depth, plain, shortcut, iters), "depth": depth, "plain": plain,
                  "shortcut": shortcut} for depth, plain, shortcut, run_dir in runs]
     else:
-        configs = [TrainConfig(depth=depth, plain=plain, shortcut=shortcut, iters=iters, milestones=milestones,
-                               **preset, batch_size=args.batch_size, val_split=args.val_split, device=args.device,
+        configs = [TrainConfig(depth=depth, plain=plain, shortcut=shortcut, **settings, batch_size=args.batch_size, val_split=args.val_split, device=args.device,
                                seed=args.seed, out=str(run_dir), resume=True, eval_every=eval_every,
                                progress=not args.quiet)
                    for depth, plain, shortcut, run_dir in runs]

@@ -29,22 +29,19 @@ import cli
 
 from tinyres.data import DataLoader, per_pixel_mean, to_float
 from tinyres.run import TrainConfig, make_scheduler, split_data
-from tinyres.train import SCHEDULES, schedule_preset
+from tinyres.train import SCHEDULES
 
 
 def recipe(args) -> TrainConfig:
     """The recipe train_cifar.py trains with for the same --schedule, --iters, --milestones and --lr."""
-    preset = schedule_preset(args.schedule) if args.schedule else {"iters": 500, "milestones": ()}
-    iters, milestones = preset.pop("iters"), tuple(preset.pop("milestones"))
-    if args.iters is not None:
-        iters, milestones = args.iters, cli.scaled_schedule(iters, milestones, args.iters)
-    if args.milestones is not None:
-        milestones = tuple(args.milestones)
+    if args.schedule:
+        settings = cli.schedule_settings(args.schedule, args.iters, args.milestones)
+    else:
+        settings = {"iters": args.iters or 500, "milestones": tuple(args.milestones or ())}
     if args.lr is not None:
-        preset["lr"] = args.lr
+        settings["lr"] = args.lr
     # PyTorch has no warm-up that ends on the training error: this twin trains without the paper's for ResNet-110
-    return TrainConfig(depth=args.depth, iters=iters, milestones=milestones, val_split=args.val_split, warmup=False,
-                       **preset)
+    return TrainConfig(depth=args.depth, val_split=args.val_split, warmup=False, **settings)
 
 
 def build_parser() -> cli.ArgumentParser:

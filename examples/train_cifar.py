@@ -40,7 +40,6 @@ from tinyres.train import (
     first_below,
     load_run_config,
     model_name,
-    schedule_preset,
     train,
 )
 
@@ -113,19 +112,14 @@ PRESET_FLAGS = ("lr_schedule", "lr", "momentum", "nesterov", "weight_decay", "pc
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig that the parsed flags describe (--iters, --milestones and the lr flags override --schedule)."""
-    preset = schedule_preset(args.schedule)
-    iters, milestones = preset.pop("iters"), tuple(preset.pop("milestones"))
-    if args.iters is not None:
-        iters, milestones = args.iters, cli.scaled_schedule(iters, milestones, args.iters)
-    milestones = tuple(args.milestones) if args.milestones is not None else milestones
-    preset.update({f: getattr(args, f) for f in PRESET_FLAGS if getattr(args, f) is not None})
+    settings = cli.schedule_settings(args.schedule, args.iters, args.milestones)
+    settings.update({f: getattr(args, f) for f in PRESET_FLAGS if getattr(args, f) is not None})
     return TrainConfig(
-        depth=args.depth, plain=args.plain, shortcut=args.shortcut, iters=iters, milestones=milestones,
-        **preset, batch_size=args.batch_size,
+        depth=args.depth, plain=args.plain, shortcut=args.shortcut, **settings, batch_size=args.batch_size,
         warmup={"auto": None, "on": True, "off": False}[args.warmup], augment=not args.no_augment,
         val_split=args.val_split, device=args.device, data_path=args.data, seed=args.seed, out=args.out,
         resume=args.resume, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every if args.eval_every is not None else default_eval_every(iters),
+        eval_every=args.eval_every if args.eval_every is not None else default_eval_every(settings["iters"]),
         prefetch=args.prefetch, progress=not args.quiet, sync_bn=not args.no_sync_bn)
 
 

@@ -46,7 +46,6 @@ __all__ = [
     "first_below",
     "load_run_config",
     "model_name",
-    "paper_schedule",
     "read_metrics",
     "read_train_log",
     "schedule_preset",
@@ -126,7 +125,7 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 # paper: section 4.2 of the paper. short: the same shape in 2k iterations, a first look.
 # fast: one cycle of the learning rate (Smith & Topin, 2017) in a quarter of the paper's iterations, with
 # the paper's network, data, augmentation, batch and SGD with momentum; its peak lr, rise, momenta, Nesterov
-# and weight decay are measured on a held-out 5k split, trial by trial (examples/results/fast/trials.md).
+# and weight decay are measured on a held-out 5k split, trial by trial (examples/results/fast/README.md).
 SCHEDULES: dict[str, dict[str, Any]] = {
     "paper": {"iters": 64_000, "lr_schedule": "multistep", "milestones": (32_000, 48_000)},
     "short": {"iters": 2_000, "lr_schedule": "multistep", "milestones": (1_500, 1_900)},
@@ -142,8 +141,3 @@ def schedule_preset(name: str) -> dict[str, Any]:
         raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
     return dict(SCHEDULES[name])
 
-
-def paper_schedule(name: str) -> tuple[int, tuple[int, ...]]:
-    """(iterations, lr milestones) of a named schedule: 'paper' (64k; 32k, 48k), 'short' (2k; 1.5k, 1.9k), 'fast'."""
-    preset = schedule_preset(name)
-    return preset["iters"], tuple(preset["milestones"])
