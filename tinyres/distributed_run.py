@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from . import distributed as dist
-from .backend import get_array_module, to_device
 from .data import CIFAR10
 from .nn import Module
 from .nn.parallel import DistributedDataParallel
@@ -87,16 +86,13 @@ class DistributedRun(Run):
     def _checkpoint_due(self) -> bool:
         return self.checkpoint_due
 
-    def read_pending(self) -> None:
+    def pending_values(self) -> np.ndarray:
         """The pending losses and errors, averaged over the ranks: those of the whole batches."""
-        if self.pending and self.world_size > 1:
-            xp = get_array_module(self.pending[0][1])
-            values = to_device(xp.stack([xp.asarray(v, dtype=xp.float64) for _, *pair in self.pending
-                                         for v in pair]), "cpu")
+        values = super().pending_values()
+        if self.world_size > 1:
             dist.all_reduce(values, dist.ReduceOp.SUM)
-            values = (values / self.world_size).reshape(-1, 2)
-            self.pending = [(lr, loss, err) for (lr, _, _), (loss, err) in zip(self.pending, values)]
-        super().read_pending()
+            values /= self.world_size
+        return values
 
     def evaluate(self, should_stop: Any = None) -> tuple[float, float]:
         """Loss and error on the evaluation images, each rank evaluating a part of them.

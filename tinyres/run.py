@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import sys
 import threading
@@ -455,10 +454,8 @@ class Run:
         it, end = self.it, self.it == self.cfg.iters
         if it % self.cfg.log_every == 0 or end:
             self.log_training()
-        if (it % self.eval_every == 0 or end) and not stop.signal_name:
-            self.eval_pending = not self.log_evaluation(lambda: stop.signal_name is not None)
-        elif it % self.eval_every == 0 or end:
-            self.eval_pending = True
+        if it % self.eval_every == 0 or end:
+            self.eval_pending = bool(stop.signal_name) or not self.log_evaluation(lambda: stop.signal_name is not None)
         if end or stop.signal_name or self._checkpoint_due():
             self.save()
         if stop.signal_name:
@@ -471,16 +468,14 @@ class Run:
         return time.monotonic() - self.last_save_time >= 60 * self.cfg.checkpoint_minutes
 
     def read_pending(self) -> None:
-        """Read the losses and errors of the pending iterations from the device, in one transfer."""
+        """Read the losses and errors of the pending iterations from the device, in one transfer.
+
+        They are finite: `train_step` stops the run at a non-finite loss before its update."""
         if not self.pending:
             return
-        xp = get_array_module(self.pending[0][1])
-        values = to_device(xp.stack([xp.asarray(v, dtype=xp.float64) for _, *pair in self.pending for v in pair]),
-                           "cpu").reshape(-1, 2)
+        values = self.pending_values()
         first = self.it - len(self.pending) + 1
         for k, ((lr, _, _), (loss, err)) in enumerate(zip(self.pending, values.tolist())):
-            if not math.isfinite(loss):
-                self.diverged(f"loss is {loss} at iteration {first + k}")
             if self.start_loss is None:
                 self.start_loss = loss
             self.eval_window.add(loss, err)
@@ -488,6 +483,12 @@ class Run:
             self.smooth_err = err if first + k == 1 else 0.9 * self.smooth_err + 0.1 * err
             self.lr_used = lr
         self.pending.clear()
+
+    def pending_values(self) -> np.ndarray:
+        """(loss, error) of each pending iteration, as a float64 (n, 2) array on the host."""
+        xp = get_array_module(self.pending[0][1])
+        values = xp.stack([xp.asarray(v, dtype=xp.float64) for _, *pair in self.pending for v in pair])
+        return to_device(values, "cpu").reshape(-1, 2)
 
     def diverged(self, what: str) -> None:
         """Stop with a DivergenceError that names the newest checkpoint holding finite weights."""
