@@ -47,14 +47,30 @@ def assert_same_state(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(value, b[name], err_msg=name)
 
 
-def test_save_load_continue_equals_never_stopping(tmp_path):
+def save_version_1(path, model, optimizer, scheduler, extra) -> None:
+    """A checkpoint as tinyres wrote it before the one format: arrays model/..., optim/... and a JSON meta."""
+    arrays = {f"model/{name}": a for name, a in model.state_dict().items()}
+    state = optimizer.state_dict()
+    for i, per_param in state["state"].items():
+        for name, a in per_param.items():
+            arrays[f"optim/{i}/{name}"] = a
+    meta = {"format": "tinyres-checkpoint", "version": 1, "extra": extra,
+            "optimizer": {"type": type(optimizer).__name__, "param_groups": state["param_groups"]},
+            "scheduler": {"type": type(scheduler).__name__, "state": scheduler.state_dict()}}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("write", [save_checkpoint, save_version_1], ids=["checkpoint", "version-1-checkpoint"])
+def test_save_load_continue_equals_never_stopping(tmp_path, write):
     model, opt, sched = training_run(seed=0)
     train(model, opt, sched, BATCHES)
 
     model2, opt2, sched2 = training_run(seed=0)
     train(model2, opt2, sched2, BATCHES[:3])
     path = tmp_path / "ckpt.npz"
-    save_checkpoint(path, model2, opt2, sched2, extra={"iteration": 3})
+    write(path, model2, opt2, sched2, extra={"iteration": 3})
+    assert tinyres.load(path)["extra"] == {"iteration": 3}
 
     model3, opt3, sched3 = training_run(seed=1)  # a different start: everything must come from the file
     assert load_checkpoint(path, model3, opt3, sched3) == {"iteration": 3}
@@ -97,32 +113,6 @@ def test_a_checkpoint_is_what_tinyres_load_reads(tmp_path):
     assert_same_state(model2.state_dict(), model.state_dict())
 
 
-def save_version_1(path, model, optimizer, scheduler, extra) -> None:
-    """A checkpoint as tinyres wrote it before the one format: arrays model/..., optim/... and a JSON meta."""
-    arrays = {f"model/{name}": a for name, a in model.state_dict().items()}
-    state = optimizer.state_dict()
-    for i, per_param in state["state"].items():
-        for name, a in per_param.items():
-            arrays[f"optim/{i}/{name}"] = a
-    meta = {"format": "tinyres-checkpoint", "version": 1, "extra": extra,
-            "optimizer": {"type": type(optimizer).__name__, "param_groups": state["param_groups"]},
-            "scheduler": {"type": type(scheduler).__name__, "state": scheduler.state_dict()}}
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    np.savez(path, **arrays)
-
-
-def test_a_version_1_checkpoint_still_resumes_exactly(tmp_path):
-    model, opt, sched = training_run(seed=0)
-    train(model, opt, sched, BATCHES)
-    model2, opt2, sched2 = training_run(seed=0)
-    train(model2, opt2, sched2, BATCHES[:3])
-    path = tmp_path / "old.npz"
-    save_version_1(path, model2, opt2, sched2, extra={"iteration": 3})
-    assert tinyres.load(path)["extra"] == {"iteration": 3}
-    model3, opt3, sched3 = training_run(seed=1)
-    assert load_checkpoint(path, model3, opt3, sched3) == {"iteration": 3}
-    train(model3, opt3, sched3, BATCHES[3:])
-    assert_same_state(model3.state_dict(), model.state_dict())
 
 
 def test_a_saved_state_dict_loads_a_model_but_not_an_optimizer(tmp_path):
