@@ -2,10 +2,11 @@
 
     python examples/predict.py runs/r20/checkpoint.npz cat.jpg ship.png
     python examples/predict.py runs/r20 photo.jpg                       # the run folder: its checkpoint.npz
-    python examples/predict.py weights.npz photo.jpg --depth 20 --mean mean.npy
+    python examples/predict.py weights.npz photo.jpg --depth 20 --mean mean.npy   # a bare state dict
 
 A training run's checkpoint says which network it holds (depth, plain, shortcut) and holds the
-per-pixel mean of the training images, so it needs nothing else. A file of
+per-pixel mean of the training images, so it needs nothing else; nor does a file written by
+`evaluate.py --export` (the weights alone, about 1 MB for a ResNet-20). A file of
 `tinyres.save(model.state_dict(), path)` does not: give the network with --depth (--plain,
 --shortcut) and the mean with --mean. Checkpoints of older runs take both from config.json and
 mean.npy beside them. Images of any size are converted to RGB and resized to 32x32, as the CIFAR-10
@@ -94,6 +95,32 @@ def load_network(ckpt: Path, state: dict[str, np.ndarray], depth: int, plain: bo
     return model
 
 
+def load_trained(checkpoint: str | Path, depth: int | None = None, plain: bool | None = None,
+                 shortcut: str | None = None, mean_file: str | None = None
+                 ) -> tuple[Path, nn.Module, dict[str, Any], np.ndarray]:
+    """(checkpoint file, network, run config, per-pixel mean) of a checkpoint, its run folder or a state dict.
+
+    The config is the run's, with the network's depth, plain and shortcut filled in from the flags
+    where the file does not say; the mean comes from the file, else `mean_file`, else mean.npy beside it.
+    """
+    path = Path(checkpoint)
+    run_dir, ckpt = (path, path / "checkpoint.npz") if path.is_dir() else (path.parent, path)
+    state, saved, mean = read_checkpoint(ckpt)
+    source = str(ckpt)
+    if not saved and (run_dir / "config.json").exists():  # a checkpoint of an older run, or weights in a run dir
+        saved, source = read_config(run_dir), str(run_dir / "config.json")
+    depth, plain, shortcut = choose_network(saved, source, depth, plain, shortcut)
+    cli.check_depth(depth)
+    if mean_file is not None or mean is None:
+        mean_path = Path(mean_file) if mean_file else run_dir / "mean.npy"
+        if not mean_path.exists():
+            raise cli.UsageError(f"{ckpt} holds no per-pixel mean and {mean_path} does not exist: give the mean of "
+                                 "the training images with --mean")
+        mean = np.load(mean_path)
+    model = load_network(ckpt, state, depth, plain, shortcut)
+    return ckpt, model, {**saved, "depth": depth, "plain": plain, "shortcut": shortcut}, mean
+
+
 def predict(model: nn.Module, images: np.ndarray, mean: np.ndarray, device: str = "cpu") -> np.ndarray:
     """Class probabilities (N, 10) of uint8 (N, 32, 32, 3) images, in eval mode."""
     model.eval()
@@ -129,22 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.UsageError(f"--top {args.top}: give a number of classes from 1 to {len(CLASSES)}")
     cli.require("PIL", "data", "reading images (Pillow)")
 
-    path = Path(args.checkpoint)
-    run_dir, ckpt = (path, path / "checkpoint.npz") if path.is_dir() else (path.parent, path)
-    state, saved, mean = read_checkpoint(ckpt)
-    source = str(ckpt)
-    if not saved and (run_dir / "config.json").exists():  # a checkpoint of an older run, or weights in a run dir
-        saved, source = read_config(run_dir), str(run_dir / "config.json")
-    depth, plain, shortcut = choose_network(saved, source, args.depth, args.plain, args.shortcut)
-    cli.check_depth(depth)
-    if args.mean is not None or mean is None:
-        mean_path = Path(args.mean) if args.mean else run_dir / "mean.npy"
-        if not mean_path.exists():
-            raise cli.UsageError(f"{ckpt} holds no per-pixel mean and {mean_path} does not exist: give the mean of "
-                                 "the training images with --mean")
-        mean = np.load(mean_path)
-
-    model = load_network(ckpt, state, depth, plain, shortcut).to(args.device)
+    ckpt, model, config, mean = load_trained(args.checkpoint, args.depth, args.plain, args.shortcut, args.mean)
+    model.to(args.device)
+    net = model_name(config["depth"], config["plain"], config["shortcut"])
     names, images = [], []
     for name in args.images:
         try:
@@ -154,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"predict.py: error: {e}", file=sys.stderr)
     if images:
         probs = predict(model, np.stack(images), mean, args.device)
-        print(f"{model_name(depth, plain, shortcut)} from {ckpt}")
+        print(f"{net} from {ckpt}")
         for name, pr in zip(names, probs):
             top = np.argsort(pr)[::-1][:args.top]
             print(f"{name}: " + "  ".join(f"{CLASSES[k]} {100 * pr[k]:.1f}%" for k in top))

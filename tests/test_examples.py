@@ -212,6 +212,70 @@ def test_predict_answers_the_good_images_when_one_is_bad(tmp_path, trained_runs)
     assert done.stdout.splitlines()[1].startswith(f"{good}: ")
 
 
+# ---- evaluate ----------------------------------------------------------------------------
+
+def test_evaluate_reproduces_the_runs_test_error_and_exports_the_weights_alone(tmp_path, image_folder, capsys):
+    evaluate = example("evaluate")
+    run = tmp_path / "r8"
+    train(TrainConfig(depth=8, iters=6, milestones=(), batch_size=8, eval_every=6, data_path=str(image_folder),
+                      out=str(run), progress=False))
+    test_err = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]["test_err"]
+    exported = tmp_path / "shared" / "r8.npz"
+    assert evaluate.main([str(run), "--data", str(image_folder), "--export", str(exported)]) == 0
+    out = capsys.readouterr().out
+    assert f"ResNet-8 from {run / 'checkpoint.npz'}: test error {100 * test_err:.2f}% " in out
+    assert f"wrote ResNet-8's weights, config and mean to {exported}" in out
+
+    doc = tinyres.load(exported)
+    full = tinyres.load(run / "checkpoint.npz")
+    assert set(doc) == {"format", "version", "model", "extra"} and set(doc["extra"]) == {"config", "mean"}
+    assert doc["extra"]["config"]["depth"] == 8 and doc["extra"]["config"]["plain"] is False
+    for name, value in full["model"].items():
+        np.testing.assert_array_equal(doc["model"][name], value)
+    np.testing.assert_array_equal(doc["extra"]["mean"], full["extra"]["mean"])
+    assert exported.stat().st_size < (run / "checkpoint.npz").stat().st_size
+
+    alone = tmp_path / "elsewhere" / "r8.npz"  # nothing beside it: the file is all it takes
+    alone.parent.mkdir()
+    alone.write_bytes(exported.read_bytes())
+    assert evaluate.main([str(alone), "--data", str(image_folder)]) == 0
+    assert f"test error {100 * test_err:.2f}% " in capsys.readouterr().out
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    assert example("predict").main([str(alone), str(image)]) == 0
+    assert capsys.readouterr().out.startswith(f"ResNet-8 from {alone}")
+    with pytest.raises(tinyres.checkpoint.CheckpointError, match="optimizer"):  # it cannot resume a run
+        model = build_model(8, False, "A")
+        load_checkpoint(alone, model, tinyres.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_evaluate_exports_a_state_dict_with_the_network_given(tmp_path, trained_runs, capsys):
+    evaluate = example("evaluate")
+    weights = tmp_path / "weights.npz"
+    tinyres.save(tinyres.load(trained_runs["plain8"] / "checkpoint.npz")["model"], weights)
+    out = tmp_path / "plain8.npz"
+    mean = str(trained_runs["plain8"] / "mean.npy")
+    assert evaluate.main([str(weights), "--depth", "8", "--plain", "--mean", mean, "--no-eval",
+                          "--export", str(out)]) == 0
+    config = tinyres.load(out)["extra"]["config"]
+    assert (config["depth"], config["plain"], config["shortcut"]) == (8, True, "A")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    capsys.readouterr()
+    assert example("predict").main([str(out), str(image)]) == 0
+    assert capsys.readouterr().out.startswith("plain-8 from")
+
+
+def test_evaluate_refuses_what_it_cannot_do(tmp_path, trained_runs):
+    run = trained_runs["resnet8"]
+    assert_usage_error(run_script("evaluate", run, "--no-eval"), "--no-eval", "--export")
+    assert_usage_error(run_script("evaluate", run, "--batch-size", "0"), "--batch-size")
+    assert_usage_error(run_script("evaluate", run, "--data", tmp_path / "nothing-here"), "--data")
+    assert_usage_error(run_script("evaluate", tmp_path / "none.npz", "--no-eval", "--export", tmp_path / "o.npz"),
+                       "none.npz")
+    assert not (tmp_path / "o.npz").exists()
+
+
 # ---- reproduce ---------------------------------------------------------------------------
 
 def test_reproduce_trains_tabulates_and_plots(tmp_path, image_folder, capsys):
