@@ -1,4 +1,5 @@
-"""Tests of the example scripts: the training CLI (and its Ctrl-C), the figures, reproduce.py, predict.py."""
+"""Tests of the example scripts: the training CLI (and its Ctrl-C), the figures, reproduce.py, predict.py,
+evaluate.py and torch_reference.py."""
 
 from __future__ import annotations
 
@@ -322,6 +323,31 @@ def test_torch_reference_trains_on_the_same_batches(image_folder, capsys):
     for line in lines:  # "iter 2  train error 87.50 % (iterations 1-2)  test error 90.00 %  1 s"
         train_err, test_err = (float(v) for v in re.findall(r"error +([\d.]+) %", line))
         assert 0 <= train_err <= 100 and 0 <= test_err <= 100 and (test_err * 20 / 100).is_integer()  # 20 test images
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
+def test_torch_reference_writes_a_run_folder_as_the_trainer_does(tmp_path, image_folder, capsys):
+    out = tmp_path / "torch-r8"
+    args = ["--depth", "8", "--iters", "60", "--window", "30", "--batch-size", "8", "--lr", "0.05",
+            "--data", str(image_folder), "--out", str(out)]
+    assert example("torch_reference").main(args) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter")]
+    ours = tmp_path / "tinyres-r8"
+    train(TrainConfig(depth=8, iters=60, milestones=(), batch_size=8, eval_every=30, data_path=str(image_folder),
+                      out=str(ours), progress=False))
+    rows, their_rows = (tinyres.run.read_jsonl(d / "metrics.jsonl") for d in (out, ours))
+    assert [r["iter"] for r in rows] == [30, 60] and len(printed) == 2
+    for row, their, line in zip(rows, their_rows, printed):
+        assert set(row) - {"first_below"} == set(their) - {"first_below"}
+        assert f"test error {100 * row['test_err']:6.2f} %" in line and row["split"] == "test"
+        assert row["lr"] == 0.05 and 0 <= row["train_err"] <= 1 and row["test_loss"] > 0
+    log = tinyres.run.read_jsonl(out / "train_log.jsonl")
+    assert [r["iter"] for r in log] == [50, 60] and set(log[0]) == set(tinyres.run.read_jsonl(ours / "train_log.jsonl")[0])
+    config = json.loads((out / "config.json").read_text())
+    assert config["framework"].startswith("PyTorch") and config["depth"] == 8 and config["iters"] == 60
+    np.testing.assert_array_equal(np.load(out / "mean.npy"), np.load(ours / "mean.npy"))  # the same data and split
+    with pytest.raises(UsageError, match="holds a run already"):
+        example("torch_reference").main(args)
 
 
 @pytest.mark.parametrize("schedule", [["--schedule", "fast", "--iters", "40"], ["--schedule", "short"],
