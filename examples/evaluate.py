@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.check_at_least(1, batch_size=args.batch_size)
     if args.no_eval and args.export is None:
         raise cli.UsageError("--no-eval: only with --export (without it there is nothing left to do)")
+    out = Path(args.export) if args.export is not None else None
+    if out is not None:
+        cli.check_writable_folder(out.parent, "--export")  # before the evaluation, not after it
 
     ckpt, model, config, mean = predict.load_trained(args.checkpoint, args.depth, args.plain, args.shortcut,
                                                      args.mean)
@@ -60,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         loss, err = evaluate(model, data.test_images, data.test_labels, mean, args.batch_size, args.device)
         print(f"{name} from {ckpt}: test error {100 * err:.2f}% ({round(err * len(data.test_labels)):,} of "
               f"{len(data.test_labels):,} test images wrong), test loss {loss:.4f}")
-    if args.export is not None:
-        out = Path(args.export)
-        cli.check_writable_folder(out.parent, "--export")
+    if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         model.to("cpu")
         tinyres.save(checkpoint_state(model, extra={"config": config, "mean": np.asarray(mean)}), out)

@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [{**finished_run(run_dir, depth, plain, shortcut, iters), "depth": depth, "plain": plain,
                  "shortcut": shortcut} for depth, plain, shortcut, run_dir in runs]
     else:
-        configs = [TrainConfig(depth=depth, plain=plain, shortcut=shortcut, **settings, batch_size=args.batch_size, val_split=args.val_split, device=args.device,
+        configs = [TrainConfig(depth=depth, plain=plain, shortcut=shortcut, **settings, batch_size=args.batch_size,
+                               val_split=args.val_split, device=args.device,
                                seed=args.seed, out=str(run_dir), resume=True, eval_every=eval_every,
                                progress=not args.quiet)
                    for depth, plain, shortcut, run_dir in runs]

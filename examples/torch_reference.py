@@ -47,6 +47,12 @@ def recipe(args) -> TrainConfig:
     return TrainConfig(depth=args.depth, val_split=args.val_split, warmup=False, **settings)
 
 
+def window_means(losses: list[float], errs: list[float], it: int, every: int) -> tuple[float, float]:
+    """Mean training loss and error over the iterations since the last multiple of `every` before `it`."""
+    n = (it - 1) % every + 1
+    return float(np.mean(losses[-n:])), float(np.mean(errs[-n:]))
+
+
 def build_parser() -> cli.ArgumentParser:
     """The command line: the net, the recipe, the data."""
     p = cli.ArgumentParser(__doc__)
@@ -132,15 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         losses.append(loss.item())
         errs.append(float((logits.argmax(1) != y).float().mean()))
         if out is not None and (it % 50 == 0 or it == cfg.iters):
-            n = (it - 1) % 50 + 1
-            out.append(out.train_log, {"iter": it, "lr": lr, "train_loss": float(np.mean(losses[-n:])),
-                                       "train_err": float(np.mean(errs[-n:])),
+            train_loss, train_err = window_means(losses, errs, it, 50)
+            out.append(out.train_log, {"iter": it, "lr": lr, "train_loss": train_loss, "train_err": train_err,
                                        "elapsed": round(time.perf_counter() - start, 3)})
         if it % args.window == 0 or it == cfg.iters:
             n = (it - 1) % args.window + 1
+            train_loss, train_err = window_means(losses, errs, it, args.window)
             test_loss, err = test_loss_and_error()
             seconds = time.perf_counter() - start
-            print(f"iter {it:6d}  train error {100 * np.mean(errs[-n:]):6.2f} % (iterations {it - n + 1}-{it})  "
+            print(f"iter {it:6d}  train error {100 * train_err:6.2f} % (iterations {it - n + 1}-{it})  "
                   f"{split} error {100 * err:6.2f} %  {seconds:7.0f} s", flush=True)
             crossed = [e for e in targets if err < e]
             targets = [e for e in targets if e not in crossed]
@@ -148,9 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{split} error below {100 * e:.2f}% for the first time: iteration {it:,}, {seconds:.0f} s",
                       flush=True)
             if out is not None:
-                row = {"iter": it, "lr": lr, "train_loss": float(np.mean(losses[-n:])),
-                       "train_err": float(np.mean(errs[-n:])), "test_loss": test_loss, "test_err": err,
-                       "split": split, "elapsed": round(seconds, 3)}
+                row = {"iter": it, "lr": lr, "train_loss": train_loss, "train_err": train_err, "test_loss": test_loss,
+                       "test_err": err, "split": split, "elapsed": round(seconds, 3)}
                 out.append(out.metrics, {**row, "first_below": crossed} if crossed else row)
         if it >= cfg.iters:
             return 0

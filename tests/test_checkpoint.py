@@ -113,8 +113,6 @@ def test_a_checkpoint_is_what_tinyres_load_reads(tmp_path):
     assert_same_state(model2.state_dict(), model.state_dict())
 
 
-
-
 def test_a_saved_state_dict_loads_a_model_but_not_an_optimizer(tmp_path):
     model, opt, _ = training_run(seed=0)
     path = tmp_path / "weights.npz"

@@ -341,8 +341,8 @@ def test_torch_reference_writes_a_run_folder_as_the_trainer_does(tmp_path, image
         assert set(row) - {"first_below"} == set(their) - {"first_below"}
         assert f"test error {100 * row['test_err']:6.2f} %" in line and row["split"] == "test"
         assert row["lr"] == 0.05 and 0 <= row["train_err"] <= 1 and row["test_loss"] > 0
-    log = tinyres.run.read_jsonl(out / "train_log.jsonl")
-    assert [r["iter"] for r in log] == [50, 60] and set(log[0]) == set(tinyres.run.read_jsonl(ours / "train_log.jsonl")[0])
+    log, their_log = (tinyres.run.read_jsonl(d / "train_log.jsonl") for d in (out, ours))
+    assert [r["iter"] for r in log] == [50, 60] and set(log[0]) == set(their_log[0])
     config = json.loads((out / "config.json").read_text())
     assert config["framework"].startswith("PyTorch") and config["depth"] == 8 and config["iters"] == 60
     np.testing.assert_array_equal(np.load(out / "mean.npy"), np.load(ours / "mean.npy"))  # the same data and split

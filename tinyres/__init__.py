@@ -75,8 +75,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Tensor", "amax", "amin", "arange", "argmax", "argmin", "as_tensor", "bool", "cat", "clone", "concatenate",
-    "cuda", "cuda_available", "device", "distributed", "double", "empty", "enable_grad", "exp", "expand", "flatten", "float",
-    "float32", "float64", "from_numpy", "full", "get_array_module", "get_num_threads", "gradcheck", "graph",
+    "cuda", "cuda_available", "device", "distributed", "double", "empty", "enable_grad", "exp", "expand", "flatten",
+    "float", "float32", "float64", "from_numpy", "full", "get_array_module", "get_num_threads", "gradcheck", "graph",
     "inference_mode", "int32", "int64", "is_grad_enabled", "load", "load_checkpoint", "log", "long", "manual_seed",
     "matmul", "max", "mean", "min", "models", "nn", "no_grad", "ones", "ones_like", "ops", "optim", "permute", "rand",
     "randint", "randn", "relu", "reshape", "save", "save_checkpoint", "set_grad_enabled", "set_num_threads",
