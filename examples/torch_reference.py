@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             if out is not None:
                 row = {"iter": it, "lr": lr, "train_loss": train_loss, "train_err": train_err, "test_loss": test_loss,
-                       "test_err": err, "split": split, "elapsed": round(seconds, 3)}
+                       "test_err": err, "split": split, "elapsed": round(seconds, 3),
+                       "threads": torch.get_num_threads()}
                 out.append(out.metrics, {**row, "first_below": crossed} if crossed else row)
         if it >= cfg.iters:
             return 0

@@ -24,6 +24,7 @@ from . import nn, optim
 from .backend import get_array_module, to_device
 from .checkpoint import load_checkpoint, required, save_checkpoint
 from .data import CIFAR10, DataLoader, load_cifar10, per_pixel_mean, to_float, train_val_split
+from .kernels import get_num_threads
 from .models import count_parameters
 from .nn import functional as F
 from .progress import Progress, hms
@@ -536,7 +537,7 @@ class Run:
         train_loss, train_err = self.eval_window.means()
         row = {"iter": self.it, "lr": self.lr_used, "train_loss": train_loss, "train_err": train_err,
                "test_loss": test_loss, "test_err": test_err, "split": self.split,
-               "elapsed": round(self.elapsed(), 3)}
+               "elapsed": round(self.elapsed(), 3), "threads": get_num_threads()}
         history = read_jsonl(self.dir.metrics)  # the evaluations before this one, across resumes
         crossed = [e for e in error_targets(self.cfg) if test_err < e and first_below(history, e) is None]
         if crossed:

@@ -2,7 +2,7 @@
 
     config.json           the TrainConfig, written once
     mean.npy              the per-pixel mean, needed to classify new images
-    metrics.jsonl         one row per evaluation (train and test loss and error)
+    metrics.jsonl         one row per evaluation (train and test loss and error, the thread count)
     train_log.jsonl       one row per `log_every` iterations: the dense training curve
     checkpoint.npz        the newest checkpoint ...
     checkpoint-prev.npz   ... and the one before it, in case the newest is damaged
