@@ -4,7 +4,7 @@
 
 Reads each run folder's config.json and metrics.jsonl, as train_cifar.py writes them (and
 examples/torch_reference.py with --out), and prints one markdown row per run: the framework, the
-schedule, the final evaluation, and the iteration and wall time (the run's own clock, across
+schedule, the thread counts its evaluations record, the final evaluation, and the iteration and wall time (the run's own clock, across
 resumes, evaluations included) of its first evaluation below each target. A run that has not
 ended says at which iteration it stands.
 """
@@ -42,14 +42,15 @@ def row(folder: Path) -> list[str]:
     last = history[-1]
     state = "" if last["iter"] >= config.iters else f" (at {last['iter']:,} of {config.iters:,})"
     ended = f"{100 * last['test_err']:.2f} % {last.get('split', 'test')}{state}"
+    threads = ", ".join(str(n) for n in sorted({r["threads"] for r in history if "threads" in r})) or "–"
     ten, *paper = error_targets(config)  # 10 %, and the paper's figure for the net where it gives one
 
     def when(error: float) -> str:
         first = first_below(history, error)
         return f"{first['iter']:,} it, {hms(first['elapsed'])}" if first else "not yet" if state else "never"
 
-    return [str(folder), model_name(config.depth, config.plain, config.shortcut), framework,
-            f"{schedule_of(config)}, {config.iters:,} it", ended, hms(last["elapsed"]), when(ten),
+    return [str(folder), model_name(config.depth, config.plain, config.shortcut), framework, threads,
+            f"{schedule_of(config)}, weight decay {config.weight_decay:g}, {config.iters:,} it", ended, hms(last["elapsed"]), when(ten),
             f"{when(paper[0])} ({100 * paper[0]:.2f} %)" if paper else "–"]
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run folders (config.json and metrics.jsonl)")
     args = p.parse_args(argv)
-    header = ["run", "net", "framework", "schedule", "last evaluation", "wall time",
+    header = ["run", "net", "framework", "threads", "schedule", "last evaluation", "wall time",
               "first below 10 %", "first below the paper's figure"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -105,21 +105,23 @@ def test_train_step_times_another_checkout_beside_this_one(tmp_path):
 
 
 def test_time_to_accuracy_finds_the_first_evaluation_below_each_target(tmp_path):
-    def write(folder: Path, config: dict, errors: list[float], every: int = 500) -> None:
+    def write(folder: Path, config: dict, errors: list[float], threads: list[int] | None = None) -> None:
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(config))
-        rows = [{"iter": every * (k + 1), "lr": 0.1, "train_err": e, "test_err": e, "split": "test",
+        rows = [{"iter": 500 * (k + 1), "lr": 0.1, "train_err": e, "test_err": e, "split": "test",
                  "elapsed": 100.0 * (k + 1)} for k, e in enumerate(errors)]
+        for r, n in zip(rows, threads or []):  # rows written before they recorded threads have none
+            r["threads"] = n
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     fast = {"depth": 20, "plain": False, "shortcut": "A", "iters": 2000, "lr": 0.4, "lr_schedule": "onecycle"}
-    write(tmp_path / "fast", fast, [0.3, 0.095, 0.12, 0.085])
-    write(tmp_path / "torch", {**fast, "framework": "PyTorch 2.13.0+cpu"}, [0.3, 0.2, 0.11, 0.099])
+    write(tmp_path / "fast", fast, [0.3, 0.095, 0.12, 0.085], threads=[2, 2, 2, 2])
+    write(tmp_path / "torch", {**fast, "framework": "PyTorch 2.13.0+cpu"}, [0.3, 0.2, 0.11, 0.099], [2, 1, 1, 2])
     write(tmp_path / "plain", {**fast, "plain": True, "iters": 4000}, [0.5, 0.09])
     out = run("time_to_accuracy.py", *(str(tmp_path / n) for n in ("fast", "torch", "plain")))
     fast_row, torch_row, plain_row = table_rows(out, str(tmp_path))
-    assert fast_row[1:] == ["ResNet-20", "tinyres", "onecycle to lr 0.4, 2,000 it", "8.50 % test", "06:40",
+    assert fast_row[1:] == ["ResNet-20", "tinyres", "2", "onecycle to lr 0.4, weight decay 0.0001, 2,000 it", "8.50 % test", "06:40",
                             "1,000 it, 03:20", "2,000 it, 06:40 (8.75 %)"]
-    assert torch_row[2] == "PyTorch 2.13.0+cpu" and torch_row[-2:] == ["2,000 it, 06:40", "never (8.75 %)"]
-    assert plain_row[1] == "plain-20" and plain_row[4] == "9.00 % test (at 1,000 of 4,000)"
+    assert torch_row[2:4] == ["PyTorch 2.13.0+cpu", "1, 2"] and torch_row[-2:] == ["2,000 it, 06:40", "never (8.75 %)"]
+    assert plain_row[1] == "plain-20" and plain_row[3] == "–" and plain_row[5] == "9.00 % test (at 1,000 of 4,000)"
     assert plain_row[-2:] == ["1,000 it, 03:20", "–"]  # the paper gives no figure for plain nets
