@@ -4,9 +4,9 @@
 
 Reads each run folder's config.json and metrics.jsonl, as train_cifar.py writes them (and
 examples/torch_reference.py with --out), and prints one markdown row per run: the framework, the
-schedule, the thread counts its evaluations record, the final evaluation, and the iteration and wall time (the run's own clock, across
-resumes, evaluations included) of its first evaluation below each target. A run that has not
-ended says at which iteration it stands.
+schedule, the thread counts its evaluations record, the final evaluation, and the iteration and
+wall time (the run's own clock, across resumes, evaluations included) of its first evaluation below
+each target. A run that has not ended says at which iteration it stands.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def row(folder: Path) -> list[str]:
         return f"{first['iter']:,} it, {hms(first['elapsed'])}" if first else "not yet" if state else "never"
 
     return [str(folder), model_name(config.depth, config.plain, config.shortcut), framework, threads,
-            f"{schedule_of(config)}, weight decay {config.weight_decay:g}, {config.iters:,} it", ended, hms(last["elapsed"]), when(ten),
+            f"{schedule_of(config)}, weight decay {config.weight_decay:g}, {config.iters:,} it", ended,
+            hms(last["elapsed"]), when(ten),
             f"{when(paper[0])} ({100 * paper[0]:.2f} %)" if paper else "–"]
 
 
