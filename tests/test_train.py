@@ -170,7 +170,8 @@ def test_smoke_training_learns(tmp_path):
     assert last["train_err"] < first["train_err"] - 0.05
     assert last["test_err"] < (0.75 if path is not None else 0.3)  # chance is 0.9
     assert last["split"] == "test"
-    assert set(first) == {"iter", "lr", "train_loss", "train_err", "test_loss", "test_err", "split", "elapsed"}
+    assert set(first) == {"iter", "lr", "train_loss", "train_err", "test_loss", "test_err", "split", "elapsed",
+                          "threads"}
 
 
 def test_evaluate_uses_eval_mode_and_restores_training(tiny_data):
