@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(%(default)s)")
     p.add_argument("--schedule", choices=list(SCHEDULES), default="paper",
                    help="paper: 64k iterations, lr /10 at 32k and 48k; short: 2k, /10 at 1.5k and 1.9k; fast: 15k, "
-                        "one cycle of the lr up to 0.4 and down, Nesterov, weight decay 5e-4 (%(default)s); "
+                        "one cycle of the lr up to 0.2 and down, Nesterov, weight decay 5e-4 (%(default)s); "
                         "flags below override a schedule's settings")
     p.add_argument("--iters", type=int, default=None,
                    help="total iterations (overrides --schedule); the schedule's lr milestones scale with it, "

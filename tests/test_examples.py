@@ -401,11 +401,11 @@ def test_train_cifar_fast_schedule_and_the_flags_that_override_it():
     parse = train_cifar.build_parser().parse_args
     c = train_cifar.config_from_args(parse(["--schedule", "fast"]))
     assert (c.iters, c.lr_schedule, c.milestones, c.lr, c.weight_decay, c.nesterov) == \
-        (15000, "onecycle", (), 0.4, 5e-4, True)
+        (15000, "onecycle", (), 0.2, 5e-4, True)
     assert (c.momentum, c.base_momentum, c.pct_start, c.batch_size, c.augment) == (0.95, 0.85, 0.25, 128, True)
-    c = train_cifar.config_from_args(parse(["--schedule", "fast", "--iters", "5000", "--lr", "0.2", "--no-nesterov",
+    c = train_cifar.config_from_args(parse(["--schedule", "fast", "--iters", "5000", "--lr", "0.1", "--no-nesterov",
                                             "--anneal-strategy", "linear", "--weight-decay", "1e-4"]))
-    assert (c.iters, c.lr, c.nesterov, c.anneal_strategy, c.weight_decay) == (5000, 0.2, False, "linear", 1e-4)
+    assert (c.iters, c.lr, c.nesterov, c.anneal_strategy, c.weight_decay) == (5000, 0.1, False, "linear", 1e-4)
     c = train_cifar.config_from_args(parse(["--lr-schedule", "cosine", "--pct-start", "0.1"]))
     assert (c.iters, c.lr_schedule, c.pct_start, c.lr, c.nesterov) == (64000, "cosine", 0.1, 0.1, False)
 

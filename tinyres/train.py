@@ -129,7 +129,7 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 SCHEDULES: dict[str, dict[str, Any]] = {
     "paper": {"iters": 64_000, "lr_schedule": "multistep", "milestones": (32_000, 48_000)},
     "short": {"iters": 2_000, "lr_schedule": "multistep", "milestones": (1_500, 1_900)},
-    "fast": {"iters": 15_000, "lr_schedule": "onecycle", "milestones": (), "lr": 0.4, "pct_start": 0.25,
+    "fast": {"iters": 15_000, "lr_schedule": "onecycle", "milestones": (), "lr": 0.2, "pct_start": 0.25,
              "anneal_strategy": "cos", "momentum": 0.95, "base_momentum": 0.85, "nesterov": True,
              "weight_decay": 5e-4},
 }
