@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -686,3 +687,52 @@ def test_readme_quickstart_installs_what_the_examples_import():
     installed = " ".join(req for extra in named for req in extras[extra])
     assert "pillow" in installed and "matplotlib" in installed
     assert {"data", "plot", "dev", "cuda"} <= set(extras)
+
+
+# ---- the shipped weights --------------------------------------------------------------------
+
+SHIPPED = REPO / "examples" / "results" / "weights" / "resnet-20.npz"
+SHIPPED_RUN = REPO / "examples" / "results" / "fast" / "resnet-20"  # the run they were exported from
+
+
+def test_the_shipped_weights_classify_an_image_with_nothing_beside_them(tmp_path, capsys):
+    assert SHIPPED.stat().st_size < 1.5e6  # the weights alone, without the optimizer's state
+    alone = tmp_path / "resnet-20.npz"
+    alone.write_bytes(SHIPPED.read_bytes())
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (48, 40), (40, 90, 200)).save(image)
+    assert example("predict").main([str(alone), str(image), "--top", "10"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"ResNet-20 from {alone}") and lines[1].startswith(f"{image}: ")
+    assert sorted(c for c in CLASSES if f" {c} " in lines[1]) == sorted(CLASSES)
+    assert sum(float(p.rstrip("%")) for p in lines[1].split() if p.endswith("%")) == pytest.approx(100, abs=0.1)
+    extra = tinyres.load(SHIPPED)["extra"]  # the run's config and per-pixel mean, as committed beside its logs
+    config = json.loads((SHIPPED_RUN / "config.json").read_text())
+    keys = ("depth", "plain", "shortcut", "iters", "lr_schedule", "lr", "weight_decay", "seed", "data_path")
+    assert {k: extra["config"][k] for k in keys} == {k: config[k] for k in keys}
+    np.testing.assert_array_equal(extra["mean"], np.load(SHIPPED_RUN / "mean.npy"))
+
+
+@pytest.mark.real_data
+def test_the_shipped_weights_reproduce_their_runs_test_error(tmp_path, capsys):
+    from conftest import real_cifar10
+    archive = real_cifar10()
+    if archive is None:
+        pytest.skip("real CIFAR-10 archive not found ($TINYRES_CIFAR10 or ../shared/data/cifar10-jpeg.tar.gz)")
+    final = json.loads((SHIPPED_RUN / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["split"] == "test" and final["iter"] == 15000
+    assert example("evaluate").main([str(SHIPPED), "--data", str(archive)]) == 0
+    found = re.search(r"test error ([\d.]+)% \(([\d,]+) of 10,000 test images wrong\)", capsys.readouterr().out)
+    # the trainer evaluates in other batches than evaluate.py's: float32 sums in another order may move an image
+    assert abs(int(found[2].replace(",", "")) - round(10000 * final["test_err"])) <= 3
+    images = []
+    with tarfile.open(archive, "r|gz") as tar:  # the first test image of each class
+        for member in tar:
+            if member.name.startswith("test/") and member.name.endswith("/0000.jpg"):
+                images.append(tmp_path / member.name.replace("/", "-"))
+                images[-1].write_bytes(tar.extractfile(member).read())
+    assert len(images) == 10
+    assert example("predict").main([str(SHIPPED), *map(str, images), "--top", "1"]) == 0
+    answers = capsys.readouterr().out.strip().splitlines()[1:]
+    right = [line.split(": ")[0].split("-")[-2] in line.split(": ")[1] for line in answers]
+    assert sum(right) >= 8, answers
