@@ -723,7 +723,7 @@ def test_the_shipped_weights_reproduce_their_runs_test_error(tmp_path, capsys):
     assert final["split"] == "test" and final["iter"] == 15000
     assert example("evaluate").main([str(SHIPPED), "--data", str(archive)]) == 0
     found = re.search(r"test error ([\d.]+)% \(([\d,]+) of 10,000 test images wrong\)", capsys.readouterr().out)
-    # the trainer evaluates in other batches than evaluate.py's: float32 sums in another order may move an image
+    # batches of 1,000 as the trainer's; at a thread count other than the run's, float32 sums may move an image
     assert abs(int(found[2].replace(",", "")) - round(10000 * final["test_err"])) <= 3
     images = []
     with tarfile.open(archive, "r|gz") as tar:  # the first test image of each class
