@@ -74,6 +74,15 @@ def real_cifar10() -> Path | None:
     return path if path.exists() else None
 
 
+@pytest.fixture
+def real_archive() -> Path:
+    """The real CIFAR-10 archive (see `real_cifar10`); the test is skipped where it is absent."""
+    path = real_cifar10()
+    if path is None:
+        pytest.skip("real CIFAR-10 archive not found ($TINYRES_CIFAR10 or ../shared/data/cifar10-jpeg.tar.gz)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     """A tiny CIFAR-10 in the image-folder layout: train/<class>/*.png (4 each), test/<class>/*.png (2 each)."""

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_cifar10
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -40,8 +39,6 @@ from tinyres.data import (
 )
 
 Image = pytest.importorskip("PIL.Image")
-
-REAL_ARCHIVE = real_cifar10()
 
 
 @pytest.fixture(autouse=True)
@@ -842,10 +839,8 @@ def test_loader_float_input_and_validation(small_set):
 
 
 @pytest.mark.real_data
-@pytest.mark.skipif(REAL_ARCHIVE is None,
-                    reason="real CIFAR-10 archive not found ($TINYRES_CIFAR10 or ../shared/data/cifar10-jpeg.tar.gz)")
-def test_real_archive(tmp_path):
-    loaded = load_cifar10(REAL_ARCHIVE, cache_dir=tmp_path)
+def test_real_archive(tmp_path, real_archive):
+    loaded = load_cifar10(real_archive, cache_dir=tmp_path)
     assert loaded.train_images.shape == (50000, 32, 32, 3) and loaded.test_images.shape == (10000, 32, 32, 3)
     assert_array_equal(np.bincount(loaded.train_labels), [5000] * 10)
     assert_array_equal(np.bincount(loaded.test_labels), [1000] * 10)
@@ -854,13 +849,13 @@ def test_real_archive(tmp_path):
     assert_allclose(std, [0.245, 0.243, 0.261], atol=0.002)
     # Images come sorted by split, class and file name.
     wanted = {"train/airplane/0000.jpg": loaded.train_images[0], "train/automobile/0000.jpg": loaded.train_images[5000]}
-    with tarfile.open(REAL_ARCHIVE, "r|gz") as tar:
+    with tarfile.open(real_archive, "r|gz") as tar:
         for member in tar:
             if member.name in wanted:
                 assert_array_equal(np.asarray(Image.open(tar.extractfile(member))), wanted.pop(member.name))
                 if not wanted:
                     break
     start = time.perf_counter()
-    again = load_cifar10(REAL_ARCHIVE, cache_dir=tmp_path)
+    again = load_cifar10(real_archive, cache_dir=tmp_path)
     assert time.perf_counter() - start < 1.0
     assert isinstance(again.train_images, np.memmap)

@@ -187,14 +187,10 @@ def test_per_rank_batchnorm_matches_one_process_normalizing_each_half_alone(tmp_
 @needs_mpi
 @pytest.mark.slow
 @pytest.mark.real_data
-def test_two_ranks_follow_one_process_for_20_float64_steps_on_real_batches(tmp_path):
+def test_two_ranks_follow_one_process_for_20_float64_steps_on_real_batches(tmp_path, real_archive):
     """In float32, SGD at lr 0.1 amplifies rounding until runs of another summation order part (one
     process on one thread and on two does too); in float64 two ranks stay on one process's path."""
-    from conftest import real_cifar10
-    archive = real_cifar10()
-    if archive is None:
-        pytest.skip("real CIFAR-10 archive not found ($TINYRES_CIFAR10 or ../shared/data/cifar10-jpeg.tar.gz)")
-    settings = json.dumps({"data": str(archive), "steps": 20})
+    settings = json.dumps({"data": str(real_archive), "steps": 20})
     for ranks in (0, 2):
         done = run(ranks, WORKER, "float64", tmp_path / f"{ranks}.npy", settings, limit=300)
         assert done.returncode == 0, done.stderr

@@ -714,19 +714,15 @@ def test_the_shipped_weights_classify_an_image_with_nothing_beside_them(tmp_path
 
 
 @pytest.mark.real_data
-def test_the_shipped_weights_reproduce_their_runs_test_error(tmp_path, capsys):
-    from conftest import real_cifar10
-    archive = real_cifar10()
-    if archive is None:
-        pytest.skip("real CIFAR-10 archive not found ($TINYRES_CIFAR10 or ../shared/data/cifar10-jpeg.tar.gz)")
+def test_the_shipped_weights_reproduce_their_runs_test_error(tmp_path, capsys, real_archive):
     final = json.loads((SHIPPED_RUN / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["split"] == "test" and final["iter"] == 15000
-    assert example("evaluate").main([str(SHIPPED), "--data", str(archive)]) == 0
+    assert example("evaluate").main([str(SHIPPED), "--data", str(real_archive)]) == 0
     found = re.search(r"test error ([\d.]+)% \(([\d,]+) of 10,000 test images wrong\)", capsys.readouterr().out)
     # batches of 1,000 as the trainer's; at a thread count other than the run's, float32 sums may move an image
     assert abs(int(found[2].replace(",", "")) - round(10000 * final["test_err"])) <= 3
     images = []
-    with tarfile.open(archive, "r|gz") as tar:  # the first test image of each class
+    with tarfile.open(real_archive, "r|gz") as tar:  # the first test image of each class
         for member in tar:
             if member.name.startswith("test/") and member.name.endswith("/0000.jpg"):
                 images.append(tmp_path / member.name.replace("/", "-"))
