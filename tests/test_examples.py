@@ -718,7 +718,9 @@ def test_the_shipped_weights_reproduce_their_runs_test_error(tmp_path, capsys, r
     final = json.loads((SHIPPED_RUN / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["split"] == "test" and final["iter"] == 15000
     assert example("evaluate").main([str(SHIPPED), "--data", str(real_archive)]) == 0
-    found = re.search(r"test error ([\d.]+)% \(([\d,]+) of 10,000 test images wrong\)", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    found = re.search(r"test error ([\d.]+)% \(([\d,]+) of 10,000 test images wrong\)", out)
+    assert found, f"evaluate.py printed no test error line:\n{out}"
     # batches of 1,000 as the trainer's; at a thread count other than the run's, float32 sums may move an image
     assert abs(int(found[2].replace(",", "")) - round(10000 * final["test_err"])) <= 3
     images = []
@@ -732,3 +734,37 @@ def test_the_shipped_weights_reproduce_their_runs_test_error(tmp_path, capsys, r
     answers = capsys.readouterr().out.strip().splitlines()[1:]
     right = [line.split(": ")[0].split("-")[-2] in line.split(": ")[1] for line in answers]
     assert sum(right) >= 8, answers
+
+
+class _Enough(Exception):
+    """Raised by the callback that ends a run early."""
+
+
+@pytest.mark.real_data
+def test_the_fast_runs_config_retraces_its_logged_first_iterations(tmp_path, real_archive):
+    """The committed fast-preset run, retrained from its own config.json on the same data and thread
+    count, logs the same first rows: the README's figure is one command away on a fresh clone."""
+    logged = [json.loads(line) for line in (SHIPPED_RUN / "train_log.jsonl").read_text().splitlines()[:2]]
+    threads = json.loads((SHIPPED_RUN / "metrics.jsonl").read_text().splitlines()[0])["threads"]
+    config = tinyres.train.load_run_config(SHIPPED_RUN)
+    config = TrainConfig(**{**config.__dict__, "data_path": str(real_archive), "out": str(tmp_path / "run"),
+                            "progress": False})
+
+    def stop_after_second_row(it: int, loss: float) -> None:
+        if it > logged[-1]["iter"]:  # called before iteration `it` is logged: the rows before it are written
+            raise _Enough
+
+    before = tinyres.get_num_threads()
+    tinyres.set_num_threads(threads)
+    try:
+        with pytest.raises(_Enough):
+            train(config, on_iteration=stop_after_second_row)
+    finally:
+        tinyres.set_num_threads(before)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [r["iter"] for r in logged] == [50, 100]
+    for row, want in zip(rows, logged):
+        assert row["lr"] == pytest.approx(want["lr"], rel=1e-12)
+        # bit-identical on the run's kind of CPU; another CPU's BLAS kernels order float32 sums differently
+        assert row["train_loss"] == pytest.approx(want["train_loss"], rel=2e-3)
+        assert abs(row["train_err"] - want["train_err"]) <= 8 / (128 * 50)
