@@ -3,6 +3,7 @@ evaluate.py and torch_reference.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -746,9 +747,8 @@ def test_the_fast_runs_config_retraces_its_logged_first_iterations(tmp_path, rea
     count, logs the same first rows: the README's figure is one command away on a fresh clone."""
     logged = [json.loads(line) for line in (SHIPPED_RUN / "train_log.jsonl").read_text().splitlines()[:2]]
     threads = json.loads((SHIPPED_RUN / "metrics.jsonl").read_text().splitlines()[0])["threads"]
-    config = tinyres.train.load_run_config(SHIPPED_RUN)
-    config = TrainConfig(**{**config.__dict__, "data_path": str(real_archive), "out": str(tmp_path / "run"),
-                            "progress": False})
+    config = dataclasses.replace(tinyres.train.load_run_config(SHIPPED_RUN), data_path=str(real_archive),
+                                 out=str(tmp_path / "run"), progress=False)
 
     def stop_after_second_row(it: int, loss: float) -> None:
         if it > logged[-1]["iter"]:  # called before iteration `it` is logged: the rows before it are written
