@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+import tinyres
 from tinyres.backend import gpu_status
 
 settings.register_profile("ci", derandomize=True, max_examples=20, deadline=None,
@@ -41,6 +42,14 @@ def need_gpu() -> None:
         pytest.fail(f"the GPU cannot be used: {GPU_STATUS.reason}", pytrace=False)
     if not GPU_STATUS.usable:
         pytest.skip(GPU_STATUS.reason)
+
+
+@pytest.fixture
+def threads():
+    """Set the thread count for one test, and restore it after."""
+    before = tinyres.get_num_threads()
+    yield tinyres.set_num_threads
+    tinyres.set_num_threads(before)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -23,7 +23,7 @@ import tinyres
 import tinyres.run
 from tinyres.checkpoint import load_checkpoint, save_checkpoint
 from tinyres.data import CLASSES
-from tinyres.train import TrainConfig, build_model, train
+from tinyres.train import TrainConfig, build_model, read_metrics, read_train_log, train
 
 Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")
@@ -742,11 +742,10 @@ class _Enough(Exception):
 
 
 @pytest.mark.real_data
-def test_the_fast_runs_config_retraces_its_logged_first_iterations(tmp_path, real_archive):
+def test_the_fast_runs_config_retraces_its_logged_first_iterations(tmp_path, real_archive, threads):
     """The committed fast-preset run, retrained from its own config.json on the same data and thread
     count, logs the same first rows: the README's figure is one command away on a fresh clone."""
-    logged = [json.loads(line) for line in (SHIPPED_RUN / "train_log.jsonl").read_text().splitlines()[:2]]
-    threads = json.loads((SHIPPED_RUN / "metrics.jsonl").read_text().splitlines()[0])["threads"]
+    logged = read_train_log(SHIPPED_RUN)[:2]
     config = dataclasses.replace(tinyres.train.load_run_config(SHIPPED_RUN), data_path=str(real_archive),
                                  out=str(tmp_path / "run"), progress=False)
 
@@ -754,14 +753,10 @@ def test_the_fast_runs_config_retraces_its_logged_first_iterations(tmp_path, rea
         if it > logged[-1]["iter"]:  # called before iteration `it` is logged: the rows before it are written
             raise _Enough
 
-    before = tinyres.get_num_threads()
-    tinyres.set_num_threads(threads)
-    try:
-        with pytest.raises(_Enough):
-            train(config, on_iteration=stop_after_second_row)
-    finally:
-        tinyres.set_num_threads(before)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    threads(read_metrics(SHIPPED_RUN)[0]["threads"])
+    with pytest.raises(_Enough):
+        train(config, on_iteration=stop_after_second_row)
+    rows = read_train_log(config.out)
     assert [r["iter"] for r in rows] == [r["iter"] for r in logged] == [50, 100]
     for row, want in zip(rows, logged):
         assert row["lr"] == pytest.approx(want["lr"], rel=1e-12)

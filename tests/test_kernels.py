@@ -18,14 +18,6 @@ from tinyres import kernels
 from tinyres.nn import functional as F
 
 
-@pytest.fixture
-def threads():
-    """Set the thread count for one test, and restore it after."""
-    before = tinyres.get_num_threads()
-    yield tinyres.set_num_threads
-    tinyres.set_num_threads(before)
-
-
 def channels_last(a):
     return a.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)
 

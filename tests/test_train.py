@@ -384,16 +384,12 @@ def test_the_first_evaluation_below_each_target_error_is_marked_once(tmp_path, t
     assert tinyres.train.first_below(rows, 0.999) is rows[0] and tinyres.train.first_below(rows, -1.0) is None
 
 
-def test_each_evaluation_records_the_thread_count_it_ran_with(tmp_path, tiny_data):
+def test_each_evaluation_records_the_thread_count_it_ran_with(tmp_path, tiny_data, threads):
     """Float32 results depend on the thread count, so a row says which one produced it, resumed or not."""
-    before = tinyres.get_num_threads()
-    try:
-        tinyres.set_num_threads(1)
-        train(tiny_config(tmp_path / "run", iters=4, eval_every=2), data=tiny_data)
-        tinyres.set_num_threads(2)
-        rows = train(tiny_config(tmp_path / "run", iters=6, eval_every=2, resume=True), data=tiny_data)["history"]
-    finally:
-        tinyres.set_num_threads(before)
+    threads(1)
+    train(tiny_config(tmp_path / "run", iters=4, eval_every=2), data=tiny_data)
+    threads(2)
+    rows = train(tiny_config(tmp_path / "run", iters=6, eval_every=2, resume=True), data=tiny_data)["history"]
     assert [(r["iter"], r["threads"]) for r in rows] == [(2, 1), (4, 1), (6, 2)]
 
 
